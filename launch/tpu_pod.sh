@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# TPU VM pod: run the same command on every worker; jax.distributed.initialize() auto-detects the pod.
+# The workdir must be shared by all workers (e.g. a gs:// bucket via gcsfuse or an NFS mount).
+#   launch/tpu_pod.sh TPU_NAME ZONE WORKDIR CLIP_DIR [--config.key=value ...]
+set -euo pipefail
+tpu=${1:?usage: $0 TPU_NAME ZONE WORKDIR CLIP_DIR [overrides...]}; zone=${2:?}; workdir=${3:?}; clip=${4:?}
+shift 4
+gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "
+  cd ~/dcp_jax && .venv/bin/python -m dcp_jax.train --config ${CONFIG:-configs/dcp_vitb16_coco_stuff.py} \
+    --workdir $workdir --config.clip.checkpoint=$clip --config.clip.dtype=bfloat16 $*"
