@@ -34,6 +34,7 @@ def base_config() -> ConfigDict:
     # --- CLIP backbone (MODEL.md section 0) ---
     c.clip = ConfigDict()
     c.clip.checkpoint = ""  # HF checkpoint dir or OpenAI .pt; "" = write a tiny random CLIP (tests/demo)
+    c.clip.variant = "B/16"  # architecture name, for summaries without a checkpoint ("" = clip.tiny)
     c.clip.image_size = 384  # CLIP input resolution; position embedding resized at load
     c.clip.guidance_layers = (3, 7)  # 0-based blocks whose patch tokens feed the decoder
     c.clip.dense_mode = "catseg"  # "catseg" | "plain"
@@ -66,6 +67,7 @@ def base_config() -> ConfigDict:
         window=12,
         dims=(64, 32),
         attn_dim=32,
+        shallow_qk_dim=32,  # shallow CLIP feature channels in the Swin blocks' Q/K
         shallow_dims=(256, 128),
         shallow_proj_dims=(32, 16),
         cost_dims=(32, 16),
@@ -140,6 +142,7 @@ def tiny_config() -> ConfigDict:
     """A tiny random CLIP and a small head: tests and CPU runs (no downloads)."""
     c = base_config()
     c.clip.checkpoint = ""
+    c.clip.variant = ""
     c.clip.image_size = 64  # 8x8 patch grid with the tiny patch size 8
     c.clip.guidance_layers = (1, 2)
     c.model.hidden_dim = 32
@@ -148,6 +151,7 @@ def tiny_config() -> ConfigDict:
     c.model.decoder.window = 4
     c.model.decoder.dims = (32, 16)
     c.model.decoder.attn_dim = 16
+    c.model.decoder.shallow_qk_dim = 16
     c.model.decoder.shallow_dims = (32, 16)
     c.model.decoder.shallow_proj_dims = (16, 8)
     c.model.decoder.cost_dims = (16, 8)

@@ -1,0 +1,184 @@
+"""Text-Guided Alignment, TGA (MODEL.md section 3).
+
+Cost volume between the dense CLIP features and the K slot classes' P template embeddings, a 7x7
+conv per slot (P -> d), then two attention branches:
+- cross-attention (CA): visual tokens attend to the K slots' textual guidance (invalid slots masked);
+- self-attention (SA): per slot, attention over the grid positions of concat(cost feature, refined
+  visual feature), added back onto the cost feature.
+Invalid slots never reach a valid one: CA masks them (and zeroes their guidance so even NaN garbage
+cannot leak through 0 * NaN); everything else is computed per slot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dcp_jax.models.selection import l2_normalize
+
+LN_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default, so exported weights behave the same
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, bias: jax.Array | None = None) -> jax.Array:
+    """Multi-head scaled dot-product attention on projected inputs.
+
+    q [..., Lq, d], k [..., Lk, d], v [..., Lk, dv]; `bias` broadcasts to [..., heads, Lq, Lk] and is
+    added to the float32 scores (use a large negative value to mask). Returns [..., Lq, dv].
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    if d % num_heads or dv % num_heads:
+        raise ValueError(f"attention width {d}/{dv} is not divisible by num_heads={num_heads}")
+    split = lambda x: x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)  # noqa: E731
+    qh, kh, vh = split(q), split(k), split(v)
+    scores = jnp.einsum("...qhd,...khd->...hqk", qh, kh, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d // num_heads)
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("...hqk,...khd->...qhd", probs, vh)
+    return out.reshape(*out.shape[:-2], dv)
+
+
+class MLP(nnx.Module):
+    """Linear(d -> ratio*d) - GELU - Linear(-> d)."""
+
+    def __init__(self, dim: int, ratio: int = 4, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(dim, ratio * dim, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(ratio * dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class CrossAttentionBlock(nnx.Module):
+    """Visual tokens (queries) attend to slot guidance (keys/values); post-LN residual + MLP."""
+
+    def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.q_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.k_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.v_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.out_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(dim, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, guidance: jax.Array, slot_valid: jax.Array) -> jax.Array:
+        """tokens [B,N,d], guidance [B,K,d], slot_valid [B,K] -> refined tokens [B,N,d]."""
+        guidance = jnp.where(slot_valid[..., None], guidance, 0)
+        bias = jnp.where(slot_valid, 0.0, -1e9).astype(jnp.float32)[:, None, None, :]  # [B,1,1,K]
+        attended = attention(self.q_proj(tokens), self.k_proj(guidance), self.v_proj(guidance), self.num_heads, bias)
+        x = self.norm1(tokens + self.out_proj(attended))
+        return self.norm2(x + self.mlp(x))
+
+
+class SpatialSelfAttentionBlock(nnx.Module):
+    """Per slot: Q, K, V = Linear(concat(cost, visual)) (2d -> d), attention over grid positions,
+    residual onto the cost feature, post-LN + MLP.
+
+    With `attend=False` the attention matrix is the identity (each position keeps its own value):
+    the same concat-and-project fusion without spatial mixing. DCP uses it when SA is switched off
+    but CA is on, so the refined visual features still reach the cost features (Table IV, "CA only").
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, attend: bool = True, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.attend = attend
+        if attend:
+            self.q_proj = nnx.Linear(2 * dim, dim, dtype=dtype, rngs=rngs)
+            self.k_proj = nnx.Linear(2 * dim, dim, dtype=dtype, rngs=rngs)
+        self.v_proj = nnx.Linear(2 * dim, dim, dtype=dtype, rngs=rngs)
+        self.out_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(dim, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+    def __call__(self, cost: jax.Array, visual: jax.Array) -> jax.Array:
+        """cost [B,K,N,d], visual [B,N,d] -> refined cost [B,K,N,d]."""
+        x = jnp.concatenate([cost, jnp.broadcast_to(visual[:, None], cost.shape)], axis=-1)
+        v = self.v_proj(x)
+        attended = attention(self.q_proj(x), self.k_proj(x), v, self.num_heads) if self.attend else v
+        y = self.norm1(cost + self.out_proj(attended))
+        return self.norm2(y + self.mlp(y))
+
+
+class TextGuidedAlignment(nnx.Module):
+    """Cost volume + conv embedding + CA / SA branches (each switchable, Table IV / V)."""
+
+    def __init__(
+        self,
+        *,
+        clip_dim: int,
+        num_templates: int,
+        hidden_dim: int,
+        num_heads: int,
+        cross_attention: bool = True,
+        self_attention: bool = True,
+        guidance_prompt: bool = True,
+        guidance_cls_logit: bool = True,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_templates = num_templates
+        self.cross_attention = cross_attention
+        self.self_attention = self_attention
+        self.guidance_prompt = guidance_prompt
+        self.guidance_cls_logit = guidance_cls_logit
+        # Cost embedding: per slot, Conv7x7 over the P template channels (CAT-Seg conv1, no activation).
+        self.cost_embed = nnx.Conv(num_templates, hidden_dim, (7, 7), padding=3, dtype=dtype, rngs=rngs)
+        if cross_attention or self_attention:
+            # Visual features Fv = ReLU(Conv3x3(dense)) (CAT-Seg's appearance-guidance projection).
+            self.visual_proj = nnx.Conv(clip_dim, hidden_dim, (3, 3), padding=1, dtype=dtype, rngs=rngs)
+        if cross_attention:
+            if guidance_prompt:
+                self.prompt = nnx.Param(jax.random.normal(rngs.params(), (clip_dim,), jnp.float32) * 0.02)
+            guidance_in = clip_dim * (2 if guidance_prompt else 1) + (1 if guidance_cls_logit else 0)
+            self.guidance_proj = nnx.Linear(guidance_in, hidden_dim, dtype=dtype, rngs=rngs)
+            self.cross_block = CrossAttentionBlock(hidden_dim, num_heads, dtype=dtype, rngs=rngs)
+        if cross_attention or self_attention:
+            self.self_block = SpatialSelfAttentionBlock(
+                hidden_dim, num_heads, attend=self_attention, dtype=dtype, rngs=rngs
+            )
+
+    def guidance(self, slot_text_bar: jax.Array, slot_logit: jax.Array) -> jax.Array:
+        """g_k = Linear([T_bar_k ; prompt ; l_k]) -> [B,K,d]."""
+        parts = [slot_text_bar]
+        if self.guidance_prompt:
+            parts.append(jnp.broadcast_to(self.prompt[...].astype(slot_text_bar.dtype), slot_text_bar.shape))
+        if self.guidance_cls_logit:
+            parts.append(slot_logit[..., None].astype(slot_text_bar.dtype))
+        return self.guidance_proj(jnp.concatenate(parts, axis=-1))
+
+    def __call__(
+        self,
+        dense: jax.Array,
+        slot_text: jax.Array,
+        slot_text_bar: jax.Array,
+        slot_logit: jax.Array,
+        slot_valid: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Align the K slots with the image.
+
+        dense [B,g,g,D] joint-space patch features; slot_text [B,K,P,D] unit template embeddings of
+        each slot's class; slot_text_bar [B,K,D]; slot_logit [B,K] = s*cos(cls, T_bar_k);
+        slot_valid [B,K]. Returns (cost features [B,K,g,g,d], raw cost volume corr [B,K,g,g,P]).
+        """
+        b, gh, gw, _ = dense.shape
+        k, p = slot_text.shape[1], slot_text.shape[2]
+        if p != self.num_templates:
+            raise ValueError(
+                f"text embeddings have P={p} templates but the model was built for {self.num_templates}; "
+                "set config.text.templates to match the cached embeddings"
+            )
+        corr = jnp.einsum("bhwd,bkpd->bkhwp", l2_normalize(dense), slot_text)
+        cost = self.cost_embed(corr.reshape(b * k, gh, gw, p)).reshape(b, k, gh * gw, -1)
+        if not (self.cross_attention or self.self_attention):
+            return cost.reshape(b, k, gh, gw, -1), corr
+        visual = jax.nn.relu(self.visual_proj(dense)).reshape(b, gh * gw, -1)
+        if self.cross_attention:
+            visual = self.cross_block(visual, self.guidance(slot_text_bar, slot_logit), slot_valid)
+        cost = self.self_block(cost, visual)
+        return cost.reshape(b, k, gh, gw, -1), corr
