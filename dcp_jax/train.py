@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax import distributed
+from dcp_jax import segmenter
 from dcp_jax import text as text_lib
 from dcp_jax.data import datasets as datasets_lib
 from dcp_jax.data import pipeline
@@ -133,10 +134,15 @@ def maybe_write_synthetic(config, workdir: Path) -> None:
     if not (out / "classes.json").exists():
         if ckpt_lib.is_primary():
             from dcp_jax.data.synthetic import write_synthetic_dataset
-            logging.info("writing %d synthetic images to %s", n, out)
+            _say(f"writing {n} synthetic images to {out}")
             write_synthetic_dataset(out, num_images=n, seed=config.seed,
                                     size=config.train.get("synthetic_size", 128))
         _sync("synthetic")
+
+
+def _say(message: str) -> None:
+    if ckpt_lib.is_primary():
+        print(f"[dcp_jax.train] {message}", file=sys.stderr, flush=True)
 
 
 def _sync(name: str) -> None:
@@ -222,6 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- Model, text embeddings, optimizer ---
     clip_path = clip_checkpoint_path(config, workdir, create=True)
     model, clip_config = dcp.build_model_from_checkpoint(config, clip_path)
+    if ckpt_lib.is_primary():
+        segmenter.save_inference_assets(workdir, clip_path, clip_config)
     tokenizer = text_lib.load_tokenizer(clip_path)
     text_embeds = text_lib.embed_vocabulary(model.clip, tokenizer, class_names, config.text.templates,
                                             batch_size=config.text.batch_size)
@@ -234,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if latest is not None:
         meta = checkpointer.restore_train(latest, model=model, optimizer=optimizer, data_iter=train_iter)
         start_step = int(meta["step"])
-        logging.info("resumed from %s at step %d", checkpointer.directory / str(latest), start_step)
+        _say(f"resumed from {checkpointer.directory / str(latest)} at step {start_step}")
 
     # --- Shard and transfer ---
     graphdef, state = nnx.split((model, optimizer))
@@ -289,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if step % config.checkpoint_every_steps == 0 or is_last or stopping:
                     save(step)
                 if stopping:
-                    logging.warning("stopping at step %d (%s); checkpoint saved", step,
-                                    "SIGTERM" if stop_requested["flag"] else "stop_after_steps")
+                    _say(f"stopping at step {step} ({'SIGTERM' if stop_requested['flag'] else 'stop_after_steps'}); "
+                         "checkpoint saved, run the same command to resume")
                     summary["stopped_early"] = True
                     break
                 if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
@@ -332,21 +340,26 @@ def _in_main_thread() -> bool:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:args]); default: the CPU demo.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, eval results.")
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing dcp_jax.train defines no global absl flags.
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:args]); default: the CPU demo.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, eval results.")
+    flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     distributed.initialize()
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     if ckpt_lib.is_primary() and summary.get("eval"):
-        print(json.dumps({name: r["mIoU"] for name, r in summary["eval"].items()}))
+        print(json.dumps({name: round(r["mIoU"], 2) for name, r in summary["eval"].items()}))
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
+    _define_flags()
     app.run(main)

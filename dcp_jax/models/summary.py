@@ -152,32 +152,37 @@ def run_forward(config, clip_config: CLIPConfig, *, num_classes: int, num_slots:
     return compile_s, time.perf_counter() - start, out
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py[:args]).", lock_config=True)
-_FORWARD = flags.DEFINE_bool("forward", False, "Also run one jitted forward on random weights.")
-_NUM_CLASSES = flags.DEFINE_integer("num-classes", 150, "Vocabulary size C for --forward.")
-_NUM_SLOTS = flags.DEFINE_integer("num-slots", -1, "K for --forward; -1 = config.eval.num_slots, 0 = all classes.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Images per forward for --forward.")
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing this module defines no global absl flags.
+    config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py[:args]).", lock_config=True)
+    flags.DEFINE_bool("forward", False, "Also run one jitted forward on random weights.")
+    flags.DEFINE_integer("num-classes", 150, "Vocabulary size C for --forward.")
+    flags.DEFINE_integer("num-slots", -1, "K for --forward; -1 = config.eval.num_slots, 0 = all classes.")
+    flags.DEFINE_integer("batch", 1, "Images per forward for --forward.")
+    flags.mark_flag_as_required("config")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+    f = flags.FLAGS
+    config = f.config
+    num_classes, requested_slots, batch = f["num-classes"].value, f["num-slots"].value, f.batch
     clip_config = clip_config_for(config)
     v = clip_config.vision
     print(f"CLIP: width {v.hidden_size}, {v.num_hidden_layers} blocks, patch {v.patch_size}, input {v.image_size} "
           f"(grid {v.grid_size}), projection {clip_config.projection_dim}; clip.finetune={config.clip.finetune}")
     print(format_counts(count_params(abstract_model(config, clip_config), config)))
-    if _FORWARD.value:
+    if f.forward:
         from tqdm import tqdm
 
-        num_slots = config.eval.num_slots if _NUM_SLOTS.value < 0 else _NUM_SLOTS.value
+        num_slots = config.eval.num_slots if requested_slots < 0 else requested_slots
         with tqdm(total=1, desc="compile + forward", unit="run") as bar:
             compile_s, run_s, out = run_forward(
-                config, clip_config, num_classes=_NUM_CLASSES.value, num_slots=num_slots, batch=_BATCH.value
+                config, clip_config, num_classes=num_classes, num_slots=num_slots, batch=batch
             )
             bar.update()
-        print(f"forward on {jax.devices()[0].platform}: B={_BATCH.value}, C={_NUM_CLASSES.value}, "
+        print(f"forward on {jax.devices()[0].platform}: B={batch}, C={num_classes}, "
               f"K={out['slot_class'].shape[1]}, input {v.image_size}x{v.image_size} -> logits "
               f"{tuple(out['logits'].shape)}; compile {compile_s:.1f} s, run {run_s:.2f} s; "
               f"DCS selected {np.asarray(out['dcs_selected']).tolist()}, "
@@ -185,5 +190,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    _define_flags()
     app.run(main)

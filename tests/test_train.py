@@ -1,0 +1,199 @@
+"""The trainer: data parallelism, resume, multi-process, checkpoint safety, failure modes, the demo config."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dcp_jax import checkpoint as ckpt_lib
+from dcp_jax import config as config_lib
+from dcp_jax import train
+from dcp_jax.data.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    write_synthetic_dataset(out, num_images=16, seed=0, size=64)
+    return out
+
+
+def tiny_run_config(data_dir, **overrides):
+    c = config_lib.tiny_config()
+    c.train.dataset = f"folder:{data_dir}"
+    c.eval.datasets = ""
+    c.train.batch_size = 4
+    c.total_steps = 4
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 100
+    c.optim.lr = 1e-3
+    c.optim.grad_clip_norm = 1.0
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def losses(summary):
+    return np.array([summary["losses"][s] for s in sorted(summary["losses"])])
+
+
+@pytest.fixture(scope="module")
+def four_device_run(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("four")
+    return workdir, train.train_and_evaluate(tiny_run_config(data_dir), workdir)
+
+
+def test_one_and_four_devices_give_the_same_losses(data_dir, four_device_run, tmp_path):
+    assert jax.device_count() == 4
+    _, four = four_device_run
+    one = train.train_and_evaluate(tiny_run_config(data_dir), tmp_path, devices=jax.devices()[:1])
+    assert sorted(four["losses"]) == [1, 2, 3, 4]
+    np.testing.assert_allclose(losses(one), losses(four), rtol=1e-4)
+    assert losses(four)[-1] < losses(four)[0]  # it learns
+
+
+def test_workdir_contents(four_device_run):
+    workdir, _ = four_device_run
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "dcs_selected", "dcs_dropped", "images_per_sec"):
+        assert all(np.isfinite(m[key]) for m in lines), key
+    saved = ckpt_lib.load_config(workdir)
+    assert saved.total_steps == 4 and saved.train.dataset.startswith("folder:")
+    assert ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [4]
+    assert (workdir / "tokenizer").is_dir() and (workdir / "clip_config.json").exists()
+    assert json.loads((workdir / "train_classes.json").read_text())[0] == "grass"
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(data_dir, four_device_run, tmp_path):
+    _, full = four_device_run
+    first = train.train_and_evaluate(tiny_run_config(data_dir), tmp_path, stop_after_steps=2)
+    assert first["stopped_early"] and sorted(first["losses"]) == [1, 2]
+    second = train.train_and_evaluate(tiny_run_config(data_dir), tmp_path)
+    assert second["start_step"] == 2 and sorted(second["losses"]) == [3, 4]
+    resumed = np.array([first["losses"][1], first["losses"][2], second["losses"][3], second["losses"][4]])
+    np.testing.assert_allclose(resumed, losses(full), rtol=1e-5, atol=1e-7)
+
+
+def test_a_damaged_checkpoint_is_reported_not_replaced(data_dir, tmp_path):
+    config = tiny_run_config(data_dir, total_steps=1)
+    train.train_and_evaluate(config, tmp_path)
+    step_dir = tmp_path / "checkpoints" / "1"
+    for f in (step_dir / "model").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    config.total_steps = 2
+    with pytest.raises(ckpt_lib.CheckpointError, match=str(step_dir)):
+        train.train_and_evaluate(config, tmp_path)
+    assert step_dir.is_dir()  # left for the user to inspect
+    assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [1]
+
+
+def test_non_finite_loss_stops_naming_the_step(data_dir, tmp_path, monkeypatch):
+    real_loss = train.dcp.dcp_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        return loss * np.float32("nan"), metrics
+
+    monkeypatch.setattr(train.dcp, "dcp_loss", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match="at step 1"):
+        train.train_and_evaluate(tiny_run_config(data_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_batch_not_divisible_by_devices_is_an_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="not divisible"):
+        train.train_and_evaluate(tiny_run_config(data_dir, **{"train.batch_size": 6}), tmp_path)
+
+
+def test_demo_config_runs_a_few_steps_and_evaluates(tmp_path):
+    config = config_lib.demo_config()
+    config.total_steps = 2
+    config.train.synthetic_images = 12
+    config.eval.max_images = 2
+    summary = train.train_and_evaluate(config, tmp_path)
+    result = json.loads((tmp_path / "eval" / "synthetic.json").read_text())
+    assert 0 <= result["mIoU"] <= 100 and result["num_images"] == 2
+    assert summary["eval"]["synthetic"]["mIoU"] == result["mIoU"]
+    assert (tmp_path / "synthetic" / "classes.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Subprocesses: the command line, SIGTERM, two processes
+# --------------------------------------------------------------------------------------------------
+
+def _env(**extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def _train_cmd(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "dcp_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
+            "--workdir", str(workdir), f"--config.train.dataset=folder:{data_dir}", "--config.eval.datasets=",
+            "--config.log_every_steps=1", *extra]
+
+
+def test_config_typo_is_rejected(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dcp_jax.train", "--workdir", str(tmp_path),
+                           "--config.train.batchsize=2"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "batchsize" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    proc = subprocess.Popen(_train_cmd(tmp_path, data_dir, "--config.total_steps=100000"),
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM" in err
+    steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()
+    assert len(steps) == 1 and steps[0] >= 1
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together(data_dir, four_device_run, tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1) = the 4-device run, step for step."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _train_cmd(tmp_path, data_dir, "--config.total_steps=2", "--config.train.batch_size=4",
+                   "--config.optim.lr=0.001", "--config.optim.grad_clip_norm=1.0"),
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", DCP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 DCP_NUM_PROCESSES="2", DCP_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]  # written once, by process 0
+    _, four = four_device_run
+    np.testing.assert_allclose([m["loss"] for m in lines], losses(four)[:2], rtol=1e-4)
+    assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
