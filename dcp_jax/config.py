@@ -164,19 +164,30 @@ def tiny_config() -> ConfigDict:
 
 
 def demo_config() -> ConfigDict:
-    """The built-in CPU demo: tiny random CLIP, synthetic data written under the workdir."""
+    """The built-in CPU demo: tiny random CLIP, synthetic data written under the workdir.
+
+    A random CLIP knows nothing, so unlike the paper's recipe the demo trains its whole image
+    tower at the head's learning rate, uses the plain dense features (the CAT-Seg last-block trick
+    leaves a random tower's patch features nearly constant in space) and keeps every class
+    (DCS cannot rank classes with random embeddings). It reaches mIoU > 50 on the synthetic
+    validation split in a few CPU minutes; see the README for measured numbers.
+    """
     c = tiny_config()
     c.train.dataset = "folder:{workdir}/synthetic"
     c.train.synthetic_images = 160
     c.train.synthetic_size = 96
     c.eval.datasets = "folder:{workdir}/synthetic"
-    c.model.dcs.theta = 0.0  # a random CLIP cannot rank classes: keep every class (K >= C)
+    c.eval.short_side = 96  # the synthetic images' size: no test-time upscaling
+    c.clip.finetune = "full"
+    c.clip.dense_mode = "plain"
+    c.model.dcs.theta = 0.0
     c.model.dcs.num_slots = 0
     c.eval.num_slots = 0
-    c.total_steps = 600
+    c.total_steps = 400
     c.log_every_steps = 20
     c.checkpoint_every_steps = 200
     c.eval_every_steps = 0
-    c.optim.lr = 1e-3
+    c.optim.lr = 3e-3
+    c.optim.clip_lr_mult = 1.0
     c.optim.grad_clip_norm = 1.0
     return c
