@@ -93,6 +93,10 @@ def base_config() -> ConfigDict:
     c.optim.schedule = "cosine"  # "cosine" | "constant"
     c.optim.warmup_steps = 0
     c.optim.grad_clip_norm = 0.01  # full-model gradient clipping (L2)
+    # Trainable params: a regex searched in "/"-joined param paths; "" = the clip.finetune preset
+    # (dcp_jax.models.dcp.TRAINABLE_PRESETS; "qv" = head + image-tower q_proj/v_proj). Params whose
+    # path starts with "clip/" train at lr x clip_lr_mult; everything else is frozen.
+    c.optim.trainable = ""
 
     # --- evaluation (MODEL.md section 7) ---
     c.eval = ConfigDict()

@@ -298,6 +298,18 @@ def test_trainable_filter_modes(finetune):
 def test_trainable_filter_rejects_unknown_mode():
     with pytest.raises(ValueError, match="clip.finetune"):
         dcp.trainable_filter(small_config(**{"clip.finetune": "qkv"}))
+    with pytest.raises(ValueError, match="optim.trainable"):
+        dcp.trainable_filter(small_config(**{"optim.trainable": "clip/(unclosed"}))
+
+
+def test_trainable_regex_from_the_config_replaces_the_preset():
+    config = small_config(**{"optim.trainable": r"^(?!clip/)|^clip/vision_model/encoder/layers/1/mlp/"})
+    abstract = summary.abstract_model(config, tiny_clip_config(SMALL_CLIP))
+    trainable = _paths(nnx.state(abstract, dcp.trainable_filter(config)))
+    everything = _paths(nnx.state(abstract, nnx.Param))
+    want = {p for p in everything if not p.startswith("clip/")}
+    want |= {f"clip/vision_model/encoder/layers/1/mlp/{fc}/{leaf}" for fc in ("fc1", "fc2") for leaf in ("kernel", "bias")}
+    assert trainable == want
 
 
 def test_gradients_reach_every_trainable_param_and_no_frozen_one(model):

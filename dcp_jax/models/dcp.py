@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -34,7 +35,6 @@ ConfigDict = ml_collections.ConfigDict
 CLIP_MEAN = (122.7709383, 116.7460125, 104.09373615)
 CLIP_STD = (68.5005327, 66.6321579, 70.32316305)
 NUM_TEMPLATES = {"imagenet80": 80, "single": 1}
-FINETUNE_MODES = ("qv", "none", "full")
 
 
 def num_templates(config: ConfigDict) -> int:
@@ -330,39 +330,51 @@ def is_clip_param(path) -> bool:
     return bool(parts) and parts[0] == "clip"
 
 
-def is_trainable_path(path, finetune: str) -> bool:
-    """Whether the parameter at `path` is trained under clip.finetune = `finetune`."""
-    parts = _path_parts(path)
-    if not parts:
-        return False
-    if parts[0] != "clip":
-        return True  # every head parameter
-    if finetune == "none" or len(parts) < 2:
-        return False
-    if finetune == "full":
-        return parts[1] in ("vision_model", "visual_projection")
-    # "qv": the image tower's query and value projections (kernels and biases), CAT-Seg style.
-    return parts[1] == "vision_model" and len(parts) >= 3 and parts[-2] in ("q_proj", "v_proj")
+# Regexes (re.search over "/"-joined param paths) selecting the trainable params for each clip.finetune
+# preset; `optim.trainable` in the config replaces them with any regex. Head params never start "clip/".
+TRAINABLE_PRESETS = {
+    "qv": r"^(?!clip/)|^clip/vision_model/.*/(q_proj|v_proj)/",  # CAT-Seg: image-tower q/v kernels+biases
+    "full": r"^(?!clip/)|^clip/(vision_model|visual_projection)/",  # the whole image tower
+    "none": r"^(?!clip/)",  # the head only
+}
+
+
+def trainable_regex(config: ConfigDict) -> str:
+    """The trainable-parameter regex: config.optim.trainable if set, else the clip.finetune preset."""
+    custom = config.get("optim", {}).get("trainable", "")
+    if custom:
+        return custom
+    finetune = config.clip.finetune
+    if finetune not in TRAINABLE_PRESETS:
+        raise ValueError(f"config.clip.finetune={finetune!r}: expected one of {tuple(TRAINABLE_PRESETS)}")
+    return TRAINABLE_PRESETS[finetune]
+
+
+def is_trainable_path(path, regex: str) -> bool:
+    """Whether the parameter at `path` (nnx path, key path or "/"-joined) matches the trainable regex."""
+    return re.search(regex, "/".join(_path_parts(path))) is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainableFilter:
     """nnx filter (path, value) -> bool selecting the trainable nnx.Params (hashable, jit-friendly)."""
 
-    finetune: str
+    regex: str
 
     def __call__(self, path, value) -> bool:
-        return isinstance(value, nnx.Param) and is_trainable_path(path, self.finetune)
+        return isinstance(value, nnx.Param) and is_trainable_path(path, self.regex)
 
 
 def trainable_filter(config: ConfigDict) -> TrainableFilter:
-    """The trainable params: the whole head + the CLIP image tower part chosen by config.clip.finetune
-    ("qv": q_proj/v_proj kernels+biases; "full": vision_model + visual_projection; "none"). The text
-    tower and logit_scale are always frozen."""
-    finetune = config.clip.finetune
-    if finetune not in FINETUNE_MODES:
-        raise ValueError(f"config.clip.finetune={finetune!r}: expected one of {FINETUNE_MODES}")
-    return TrainableFilter(finetune)
+    """The trainable params: `trainable_regex(config)` over param paths. By default the whole head plus
+    the CLIP image-tower part chosen by config.clip.finetune ("qv": q_proj/v_proj kernels+biases;
+    "full": vision_model + visual_projection; "none"); the text tower and logit_scale stay frozen."""
+    regex = trainable_regex(config)
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise ValueError(f"config.optim.trainable={regex!r} is not a valid regex: {e}") from e
+    return TrainableFilter(regex)
 
 
 # ---------------------------------------------------------------------- building and loading
