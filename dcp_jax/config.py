@@ -164,6 +164,9 @@ def tiny_config() -> ConfigDict:
     c.train.num_workers = 0
     c.eval.num_slots = 8
     c.eval.mode = "whole"
+    # Slide geometry scaled to the 64 crop as CAT-Seg's 640/384/256 is to 384: a 2x2 grid of crops.
+    c.eval.slide_canvas = 107
+    c.eval.slide_stride = 43
     return c
 
 

@@ -11,6 +11,7 @@ matrix, writes W/eval/<dataset>.json and prints a table in the layout of the pap
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,8 @@ def evaluate_datasets(segmenter: Segmenter, specs: list[str], *, workdir: Path, 
                       command=command or " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
         results[result["dataset"]] = result
         if ckpt_lib.is_primary():
-            out = Path(workdir) / "eval"
+            # The zero-shot baseline never overwrites a trained model's results in the same workdir.
+            out = Path(workdir) / "eval" / ("zero_shot" if segmenter.zero_shot else "")
             out.mkdir(parents=True, exist_ok=True)
             ckpt_lib.write_json(out / f"{result['dataset']}.json", result)
     if ckpt_lib.is_primary():
@@ -165,7 +167,10 @@ def main(argv=None) -> int:
     try:
         config = load_config_file(args.config) if args.config else None
         if args.zero_shot:
-            segmenter = Segmenter.from_clip(args.zero_shot, config or config_lib.base_config())
+            if config is None:  # the workdir's config if it has one (same protocol as the trained run)
+                has_config = (workdir / ckpt_lib.CONFIG_NAME).exists()
+                config = ckpt_lib.load_config(workdir) if has_config else config_lib.base_config()
+            segmenter = Segmenter.from_clip(args.zero_shot, config)
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             segmenter = Segmenter.from_workdir(workdir, config, args.checkpoint)
@@ -174,8 +179,11 @@ def main(argv=None) -> int:
                 segmenter.config.eval.mode = args.mode
             if args.num_slots is not None:
                 segmenter.config.eval.num_slots = args.num_slots
-        specs = parse_specs(args.datasets or segmenter.config.eval.datasets)
-        evaluate_datasets(segmenter, specs, workdir=workdir, step=segmenter.step,
+        # An explicit --datasets "" is an error, not a silent fall-back to the config's datasets.
+        specs = parse_specs(segmenter.config.eval.datasets if args.datasets is None else args.datasets)
+        # The command as given (argv when called as a function, not the calling process's sys.argv).
+        command = "python -m dcp_jax.evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+        evaluate_datasets(segmenter, specs, workdir=workdir, step=segmenter.step, command=command,
                           data_root=args.data_root or segmenter.config.eval.data_root or None,
                           max_images=args.max_images if args.max_images is not None
                           else segmenter.config.eval.max_images)

@@ -23,6 +23,7 @@ from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax import config as config_lib
 from dcp_jax import visualize
 from dcp_jax.data import datasets as datasets_lib
+from dcp_jax.evaluate import load_config_file
 from dcp_jax.segmenter import Segmenter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -53,6 +54,11 @@ def list_images(image: str) -> list[Path]:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"{path} contains no images ({', '.join(IMAGE_SUFFIXES)})")
+        stems = [p.stem for p in files]
+        clashes = sorted({s for s in stems if stems.count(s) > 1})
+        if clashes:  # outputs are named by stem: a.jpg and a.png would overwrite each other
+            raise ValueError(f"{path} holds several images with the same name stem {clashes}; "
+                             "rename them or predict them separately")
         return files
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file or directory")
@@ -70,7 +76,8 @@ def predict_files(segmenter: Segmenter, files: list[Path], class_names: list[str
         visualize.save_label_png(labels, out_dir / f"{file.stem}_labels.png", len(class_names))
         _save_png(visualize.overlay(image, labels, class_names), out_dir / f"{file.stem}_overlay.png")
         summary = {"image": str(file), "height": int(labels.shape[0]), "width": int(labels.shape[1]),
-                   "classes": visualize.class_summary(labels, class_names), "vocabulary": class_names}
+                   "classes": visualize.class_summary(labels, class_names), "vocabulary": class_names,
+                   "zero_shot": segmenter.zero_shot, "step": int(getattr(segmenter, "step", 0))}
         ckpt_lib.write_json(out_dir / f"{file.stem}.json", summary)
         summaries.append(summary)
     return summaries
@@ -94,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes-file", help="a file of class names: one per line, or a JSON list")
     parser.add_argument("--out-dir", required=True, help="where <stem>_labels.png, <stem>_overlay.png and "
                         "<stem>.json are written")
+    parser.add_argument("--config", help="config file (configs/X.py[:args]) instead of WORKDIR/config.json; "
+                        "with --zero-shot it sets the CLIP input size and the test-time protocol (default: "
+                        "the ViT-B/16 base config)")
     parser.add_argument("--checkpoint", help="step number or step directory (default: the latest)")
     parser.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the run's eval.mode)")
     return parser
@@ -105,10 +115,12 @@ def main(argv=None) -> int:
     try:
         class_names = read_classes(args.classes, args.classes_file)
         files = list_images(args.image)
+        # As in evaluate: --config replaces the run's config, and sets the zero-shot baseline's protocol.
+        config = load_config_file(args.config) if args.config else None
         if args.zero_shot:
-            segmenter = Segmenter.from_clip(args.zero_shot, config_lib.base_config())
+            segmenter = Segmenter.from_clip(args.zero_shot, config or config_lib.base_config())
         elif args.workdir:
-            segmenter = Segmenter.from_workdir(args.workdir, checkpoint=args.checkpoint)
+            segmenter = Segmenter.from_workdir(args.workdir, config, checkpoint=args.checkpoint)
         else:
             parser.error("give --workdir (a trained run) or --zero-shot CLIP_DIR")
     except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError) as e:

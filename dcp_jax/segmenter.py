@@ -70,10 +70,15 @@ def restore_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict 
     config = ckpt_lib.load_config(workdir) if config is None else config
     directory, step = ckpt_lib.resolve_checkpoint(workdir, checkpoint)
     clip_config = load_clip_config(workdir)
-    # Abstract model (no allocation) whose Param leaves are the restore targets.
+    # Abstract model (no allocation) whose Param leaves are the restore targets, placed on this
+    # process's first device: without a target sharding Orbax reuses the saved one, which fails when
+    # the checkpoint was written on another number of devices (e.g. 4 GPUs, restored on 1).
     model = nnx.eval_shape(lambda: dcp.DCPCLIP(
         config, clip_config, rngs=nnx.Rngs(0),
         clip_model=clip_lib.abstract_model(clip_config, dcp.compute_dtype(config))))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    nnx.update(model, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                   nnx.state(model, nnx.Param)))
     checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
     try:
         checkpointer.restore_model(step, model)

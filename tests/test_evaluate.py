@@ -1,0 +1,262 @@
+"""`python -m dcp_jax.evaluate` end to end on a trained tiny workdir.
+
+The key check (issue 5's done-criterion): the mIoU that evaluate reports equals one computed here with plain
+numpy from predict's label PNGs and the ground-truth annotation PNGs.
+"""
+
+import contextlib
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcp_jax import config as config_lib
+from dcp_jax import evaluate
+from dcp_jax import predict
+from dcp_jax import train
+from dcp_jax.data.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "configs" / "tiny.py")
+
+
+# --------------------------------------------------------------------------------------------------
+# A trained tiny workdir and predict's outputs on its val images, built once per session
+# (test_predict.py imports these helpers)
+# --------------------------------------------------------------------------------------------------
+
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(workdir, data_dir): 12 synthetic 64-px images (9 train, 3 val), 4 training steps, checkpoints 2 and 4.
+
+    Data seed 1 leaves 3 of the 9 classes out of the val images, so "classes without ground truth" is exercised.
+
+    The training settings are test_train.py's (same compiled programs: a full test session compiles them once).
+    Small test-time geometry so that slide mode is cheap: short side 64, canvas 96, crop 64, stride 32 gives
+    2 x 2 crops + the global view (CAT-Seg's 640/384/256 layout, scaled).
+    """
+    return _trained_run(tmp_path_factory.getbasetemp())
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_run(basetemp: Path) -> tuple[Path, Path]:
+    root = basetemp / "eval_predict_run"
+    root.mkdir()
+    data_dir = write_synthetic_dataset(root / "synth", num_images=12, seed=1, size=64)
+    c = config_lib.tiny_config()
+    c.train.dataset = f"folder:{data_dir}"
+    c.eval.datasets = ""
+    c.train.batch_size = 4
+    c.total_steps = 4
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+    c.optim.lr = 1e-3
+    c.optim.grad_clip_norm = 1.0
+    c.eval.short_side = 64
+    c.eval.slide_canvas = 96
+    c.eval.slide_stride = 32
+    workdir = root / "workdir"
+    train.train_and_evaluate(c, workdir)
+    return workdir, data_dir
+
+
+def predicted(tmp_path_factory, mode: str) -> Path:
+    """The output directory of `predict --workdir W --image VAL_DIR --classes-file classes.json --mode MODE`."""
+    return _predicted(tmp_path_factory.getbasetemp(), mode)
+
+
+@functools.lru_cache(maxsize=None)
+def _predicted(basetemp: Path, mode: str) -> Path:
+    workdir, data_dir = _trained_run(basetemp)
+    out_dir = basetemp / f"predict_{mode}"
+    # classes.json is the dataset's class list (a JSON list), in label order.
+    code = predict.main(["--workdir", str(workdir), "--image", str(data_dir / "images" / "val"),
+                         "--classes-file", str(data_dir / "classes.json"), "--out-dir", str(out_dir), "--mode", mode])
+    assert code == 0
+    return out_dir
+
+
+VAL_STEMS = ("000009", "000010", "000011")  # the last 3 of the 12 images
+
+
+def dataset_classes(data_dir) -> list[str]:
+    return json.loads((Path(data_dir) / "classes.json").read_text())
+
+
+def ground_truth(data_dir, stem) -> np.ndarray:
+    """The annotation PNG as int64 with the dataset's ignore value (meta.json, default 255) as -1."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    raw = np.asarray(Image.open(Path(data_dir) / "annotations" / "val" / f"{stem}.png")).astype(np.int64)
+    return np.where(raw == meta.get("ignore_label", 255), -1, raw)
+
+
+def reference_metrics(pairs, num_classes):
+    """mIoU / pixel accuracy / per-class IoU (percent) from (prediction, ground truth) maps, in plain numpy.
+
+    Ignored pixels (-1) count nowhere; a class enters the mean only if it has ground-truth pixels.
+    """
+    confusion = np.zeros((num_classes, num_classes), np.int64)  # [gt, pred]
+    for pred, gt in pairs:
+        keep = gt >= 0
+        np.add.at(confusion, (gt[keep], pred[keep]), 1)
+    tp = np.diag(confusion)
+    gt_pixels, pred_pixels = confusion.sum(1), confusion.sum(0)
+    has_gt = gt_pixels > 0
+    iou = [100.0 * tp[c] / (gt_pixels[c] + pred_pixels[c] - tp[c]) if has_gt[c] else None for c in range(num_classes)]
+    return dict(mIoU=float(np.mean([v for v in iou if v is not None])),
+                pixel_acc=100.0 * tp.sum() / gt_pixels.sum(), per_class_iou=iou)
+
+
+def run_evaluate(capsys, *args):
+    """evaluate.main(args) -> (exit code, stdout, stderr)."""
+    code = evaluate.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def results(run):
+    """evaluate.main in both modes on the 3 val images: {mode: (exit code, stdout, result JSON)}."""
+    workdir, data_dir = run
+    out = {}
+    for mode in ("whole", "slide"):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = evaluate.main(["--workdir", str(workdir), "--datasets", f"folder:{data_dir}", "--mode", mode])
+        # Parsed now: later tests write eval/synth.json again.
+        out[mode] = code, stdout.getvalue(), json.loads((workdir / "eval" / "synth.json").read_text())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_evaluate_writes_the_result_json_and_prints_the_table(run, results, mode):
+    workdir, data_dir = run
+    code, stdout, result = results[mode]
+    assert code == 0
+    for key in ("mIoU", "pixel_acc", "per_class_iou", "num_images", "mode", "step", "command"):
+        assert key in result, key
+    assert result["mode"] == mode and result["num_images"] == 3 and result["step"] == 4  # the latest checkpoint
+    assert result["zero_shot"] is False
+    assert result["checkpoint"].endswith(str(Path("checkpoints") / "4"))
+    assert result["command"] == (f"python -m dcp_jax.evaluate --workdir {workdir} --datasets folder:{data_dir} "
+                                 f"--mode {mode}")
+    assert 0.0 <= result["mIoU"] <= 100.0 and 0.0 <= result["pixel_acc"] <= 100.0
+    # per_class_iou: one entry per class, None exactly for the classes without ground truth in the 3 images.
+    classes = dataset_classes(data_dir)
+    present = set(np.unique(np.concatenate([ground_truth(data_dir, stem).ravel() for stem in VAL_STEMS])))
+    assert len(result["per_class_iou"]) == len(classes)
+    assert [v is not None for v in result["per_class_iou"]] == [c in present for c in range(len(classes))]
+    assert len(present - {-1}) < len(classes)  # the check above sees both kinds
+    # The markdown table: a header with the dataset's name and a row with the step and the rounded mIoU.
+    lines = stdout.splitlines()
+    header = lines.index("| step | synth |")
+    assert lines[header + 1] == "|---|---|"
+    assert lines[header + 2] == f"| 4 | {result['mIoU']:.1f} |"
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_evaluate_miou_equals_numpy_miou_from_predict_label_maps(run, results, mode, tmp_path_factory):
+    """Issue 5's done-criterion: the same labels through predict, mIoU recomputed independently, equal to 1e-9."""
+    _, data_dir = run
+    out_dir = predicted(tmp_path_factory, mode)
+    assert sorted(p.stem for p in (data_dir / "annotations" / "val").glob("*.png")) == list(VAL_STEMS)
+    pairs = []
+    for stem in VAL_STEMS:
+        with Image.open(out_dir / f"{stem}_labels.png") as im:
+            assert im.mode == "L"  # 9 classes: 8-bit
+            pred = np.asarray(im).astype(np.int64)
+        gt = ground_truth(data_dir, stem)
+        assert pred.shape == gt.shape
+        pairs.append((pred, gt))
+    num_classes = len(dataset_classes(data_dir))
+    assert any((gt == -1).any() for _, gt in pairs)  # ignore pixels (the rings around things) ...
+    assert len(np.unique(np.concatenate([gt.ravel() for _, gt in pairs]))) - 1 < num_classes  # ... and absent classes
+    expected = reference_metrics(pairs, num_classes)
+    _, _, result = results[mode]
+    assert result["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-9)
+    assert result["pixel_acc"] == pytest.approx(expected["pixel_acc"], abs=1e-9)
+    for got, want in zip(result["per_class_iou"], expected["per_class_iou"]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_subprocess_with_a_chosen_checkpoint(run):
+    workdir, data_dir = run
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "dcp_jax.evaluate", "--workdir", str(workdir), "--datasets",
+                           f"folder:{data_dir}", "--mode", "whole", "--max-images", "2", "--checkpoint", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((workdir / "eval" / "synth.json").read_text())
+    assert result["step"] == 2 and result["checkpoint"].endswith(str(Path("checkpoints") / "2"))
+    assert result["num_images"] == 2 and result["mode"] == "whole"
+    assert result["command"].startswith("python -m dcp_jax.evaluate --workdir")
+    assert "--checkpoint 2" in result["command"]
+    assert "| step | synth |" in proc.stdout and f"| 2 | {result['mIoU']:.1f} |" in proc.stdout
+    assert "eval synth" in proc.stderr  # the progress bar
+
+
+def test_zero_shot_baseline(run, tmp_path, capsys):
+    workdir, data_dir = run
+    out_dir = tmp_path / "zero_shot_run"
+    code, out, err = run_evaluate(capsys, "--workdir", out_dir, "--zero-shot", workdir / "tiny_clip",
+                                  "--config", TINY_CONFIG, "--datasets", f"folder:{data_dir}", "--max-images", 1)
+    assert code == 0, err
+    result = json.loads((out_dir / "eval" / "zero_shot" / "synth.json").read_text())  # never the trained results
+    assert not (out_dir / "eval" / "synth.json").exists()
+    assert result["zero_shot"] is True and result["step"] == 0 and result["num_images"] == 1
+    assert result["mode"] == "whole"  # configs/tiny.py's eval.mode
+    assert 0.0 <= result["mIoU"] <= 100.0
+    assert "| 0 | " in out
+
+
+@pytest.mark.parametrize("case", ["bad_step", "no_checkpoints", "not_a_workdir", "unknown_dataset",
+                                  "empty_datasets"])
+def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
+    workdir, data_dir = run
+    args = ["--workdir", workdir, "--datasets", f"folder:{data_dir}"]
+    expected = {
+        "bad_step": "--checkpoint 7: no such step",
+        "no_checkpoints": "no checkpoints in workdir",
+        "not_a_workdir": "is not a dcp_jax workdir",
+        "unknown_dataset": "unknown dataset 'ade9000'",
+        "empty_datasets": "no dataset given",
+    }[case]
+    if case == "bad_step":
+        args += ["--checkpoint", "7"]
+    elif case == "no_checkpoints":  # the run's config, but no checkpoints/ directory
+        (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
+        args[1] = tmp_path
+    elif case == "not_a_workdir":
+        args[1] = tmp_path
+    elif case == "unknown_dataset":
+        args[3] = "ade9000"
+    elif case == "empty_datasets":  # an explicit "" must not fall back to the config's (non-empty) datasets
+        args[3] = ""
+        args += ["--config", TINY_CONFIG]
+    code, out, err = run_evaluate(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and expected in err, err
+    assert "Traceback" not in err
+    if case == "bad_step":
+        assert "[2, 4]" in err  # lists the available steps

@@ -1,0 +1,217 @@
+"""`python -m dcp_jax.predict` and the `Segmenter` Python API on a trained tiny workdir."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcp_jax import predict
+from dcp_jax import visualize
+from dcp_jax.segmenter import Segmenter
+from test_evaluate import TINY_CONFIG, VAL_STEMS, dataset_classes, predicted, trained_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def segmenter(run):
+    return Segmenter.from_workdir(run[0])
+
+
+def val_image(data_dir, stem) -> np.ndarray:
+    return np.asarray(Image.open(data_dir / "images" / "val" / f"{stem}.png").convert("RGB"))
+
+
+def run_predict(capsys, *args):
+    """predict.main(args) -> (exit code, stdout, stderr)."""
+    code = predict.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_outputs(out_dir, stem, image, class_names) -> np.ndarray:
+    """The three files of one image are consistent with each other and with the image; returns the labels."""
+    h, w = image.shape[:2]
+    with Image.open(out_dir / f"{stem}_labels.png") as im:
+        assert im.mode == ("L" if len(class_names) <= 255 else "I;16")
+        labels = np.asarray(im).astype(np.int64)
+    assert labels.shape == (h, w)
+    assert labels.min() >= 0 and labels.max() < len(class_names)
+
+    summary = json.loads((out_dir / f"{stem}.json").read_text())
+    assert (summary["height"], summary["width"]) == (h, w) and summary["vocabulary"] == class_names
+    ids, counts = np.unique(labels, return_counts=True)
+    listed = summary["classes"]
+    assert sorted(c["id"] for c in listed) == ids.tolist()  # only the classes present
+    assert all(c["name"] == class_names[c["id"]] for c in listed)
+    assert sum(c["fraction"] for c in listed) == pytest.approx(1.0, abs=1e-9)
+    expected_fraction = dict(zip(ids.tolist(), counts / labels.size))
+    assert all(c["fraction"] == pytest.approx(expected_fraction[c["id"]], abs=1e-12) for c in listed)
+    assert [c["fraction"] for c in listed] == sorted((c["fraction"] for c in listed), reverse=True)
+
+    with Image.open(out_dir / f"{stem}_overlay.png") as im:
+        assert im.mode == "RGB"
+        overlay = np.asarray(im).astype(np.int64)
+    assert overlay.shape[0] >= h and overlay.shape[1] > w  # the image plus a legend on the right
+    # Left part: the 50/50 blend of the image and each pixel's class colour (rounding: off by at most 1).
+    colors = np.array([visualize.palette_color(i) for i in range(len(class_names))])
+    blend = 0.5 * image + 0.5 * colors[labels]
+    assert np.abs(overlay[:h, :w] - blend).max() <= 1
+    legend = overlay[:, w:]
+    for c in listed:  # each present class has its colour swatch in the legend
+        assert (legend == np.array(visualize.palette_color(c["id"]))).all(-1).any(), c["name"]
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+def test_a_directory_of_images_gives_three_files_each(run, tmp_path_factory):
+    _, data_dir = run
+    out_dir = predicted(tmp_path_factory, "whole")  # --image VAL_DIR --classes-file classes.json (a JSON list)
+    classes = dataset_classes(data_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        f"{stem}{suffix}" for stem in VAL_STEMS for suffix in ("_labels.png", "_overlay.png", ".json"))
+    for stem in VAL_STEMS:
+        check_outputs(out_dir, stem, val_image(data_dir, stem), classes)
+        summary = json.loads((out_dir / f"{stem}.json").read_text())
+        assert summary["zero_shot"] is False and summary["step"] == 4
+
+
+def test_one_image_with_classes_from_the_command_line(run, tmp_path, capsys):
+    workdir, data_dir = run
+    image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
+    # The dataset's classes in reverse order (a vocabulary of the same size shares the compiled programs).
+    vocabulary = dataset_classes(data_dir)[::-1]
+    code, out, err = run_predict(capsys, "--workdir", workdir, "--image", image, "--classes", " ,".join(vocabulary),
+                                 "--out-dir", tmp_path / "out", "--checkpoint", 2)
+    assert code == 0, err
+    check_outputs(tmp_path / "out", VAL_STEMS[0], val_image(data_dir, VAL_STEMS[0]), vocabulary)
+    assert json.loads((tmp_path / "out" / f"{VAL_STEMS[0]}.json").read_text())["step"] == 2
+    assert str(image) in out and "%" in out  # a one-line summary per image
+
+
+def test_more_than_255_classes_give_16_bit_labels(run, segmenter, tmp_path, capsys):
+    """300 names from a one-per-line file: the label PNG is 16-bit and holds exactly the API's labels."""
+    workdir, data_dir = run
+    vocabulary = [f"thing number {i}" for i in range(291)] + dataset_classes(data_dir)  # real classes at 291+
+    classes_file = tmp_path / "classes.txt"
+    classes_file.write_text("\n".join(vocabulary) + "\n\n")
+    image = data_dir / "images" / "val" / f"{VAL_STEMS[1]}.png"
+    code, _, err = run_predict(capsys, "--workdir", workdir, "--image", image, "--classes-file", classes_file,
+                               "--out-dir", tmp_path)
+    assert code == 0, err
+    labels = check_outputs(tmp_path, VAL_STEMS[1], val_image(data_dir, VAL_STEMS[1]), vocabulary)
+    segmenter.set_vocabulary(vocabulary)
+    np.testing.assert_array_equal(labels, segmenter.segment([val_image(data_dir, VAL_STEMS[1])])[0])
+
+
+def test_zero_shot_baseline(run, tmp_path, capsys):
+    workdir, data_dir = run
+    image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
+    code, _, err = run_predict(capsys, "--zero-shot", workdir / "tiny_clip", "--config", TINY_CONFIG,
+                               "--image", image, "--classes-file", data_dir / "classes.json", "--out-dir", tmp_path)
+    assert code == 0, err
+    check_outputs(tmp_path, VAL_STEMS[0], val_image(data_dir, VAL_STEMS[0]), dataset_classes(data_dir))
+    summary = json.loads((tmp_path / f"{VAL_STEMS[0]}.json").read_text())
+    assert summary["zero_shot"] is True and summary["step"] == 0
+
+
+def test_class_lists(tmp_path):
+    assert predict.read_classes("cat, dog ,grass", None) == ["cat", "dog", "grass"]
+    assert predict.read_classes(" cat,, dog , ", None) == ["cat", "dog"]
+    lines = tmp_path / "classes.txt"
+    lines.write_text("building, edifice\n\n  sky \n")  # one class per line: commas stay inside a name
+    assert predict.read_classes(None, str(lines)) == ["building, edifice", "sky"]
+    as_json = tmp_path / "classes.json"
+    as_json.write_text('\n  ["building, edifice", " sky"]\n')
+    assert predict.read_classes(None, str(as_json)) == ["building, edifice", "sky"]
+    with pytest.raises(ValueError, match="exactly one of"):
+        predict.read_classes("cat", str(lines))
+    with pytest.raises(ValueError, match="exactly one of"):
+        predict.read_classes(None, None)
+
+
+@pytest.mark.parametrize("case", ["empty_classes", "empty_classes_file", "missing_classes_file", "missing_image",
+                                  "no_images_in_dir", "no_checkpoints"])
+def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
+    workdir, data_dir = run
+    image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
+    args = {"--workdir": workdir, "--image": image, "--classes": "cat, dog", "--out-dir": tmp_path / "out"}
+    expected = {
+        "empty_classes": "the class list is empty",
+        "empty_classes_file": "the class list is empty",
+        "missing_classes_file": "not found",
+        "missing_image": "no such file or directory",
+        "no_images_in_dir": "contains no images",
+        "no_checkpoints": "no checkpoints in workdir",
+    }[case]
+    if case == "empty_classes":
+        args["--classes"] = " , ,"
+    elif case in ("empty_classes_file", "missing_classes_file"):
+        del args["--classes"]
+        args["--classes-file"] = tmp_path / "classes.txt"
+        if case == "empty_classes_file":
+            args["--classes-file"].write_text("\n  \n")
+    elif case == "missing_image":
+        args["--image"] = tmp_path / "nowhere.jpg"
+    elif case == "no_images_in_dir":
+        args["--image"] = tmp_path
+    elif case == "no_checkpoints":
+        (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
+        args["--workdir"] = tmp_path
+    code, _, err = run_predict(capsys, *[x for kv in args.items() for x in kv])
+    assert code == 2
+    assert err.startswith("error: ") and expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_is_required(run, tmp_path, capsys):
+    _, data_dir = run
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        predict.main(["--image", str(data_dir / "images" / "val"), "--classes", "cat", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "give --workdir (a trained run) or --zero-shot CLIP_DIR" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# The Python API
+# --------------------------------------------------------------------------------------------------
+
+def test_segment_requires_a_vocabulary(run):
+    seg = Segmenter.from_workdir(run[0], checkpoint=2)
+    assert seg.step == 2
+    with pytest.raises(RuntimeError, match="set_vocabulary"):
+        seg.segment([np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(ValueError, match="empty"):
+        seg.set_vocabulary([])
+    with pytest.raises(ValueError, match="empty"):
+        seg.set_vocabulary(["cat", "  "])
+
+
+def test_segment_returns_labels_at_each_image_size(run, segmenter, tmp_path_factory):
+    _, data_dir = run
+    classes = dataset_classes(data_dir)
+    segmenter.set_vocabulary(classes)
+    assert segmenter.step == 4
+    full = val_image(data_dir, VAL_STEMS[0])
+    small = np.ascontiguousarray(val_image(data_dir, VAL_STEMS[1])[5:42, 3:50])  # an odd size
+    assert small.shape == (37, 47, 3)
+    labels = segmenter.segment([full, small])
+    assert [lab.shape for lab in labels] == [full.shape[:2], (37, 47)]
+    for lab in labels:
+        assert np.issubdtype(lab.dtype, np.integer) and lab.min() >= 0 and lab.max() < len(classes)
+    # An image's labels do not depend on the other images of its batch ...
+    np.testing.assert_array_equal(segmenter.segment([small])[0], labels[1])
+    # ... and are the labels predict wrote for it (the run's mode, "whole").
+    written = visualize.load_label_png(predicted(tmp_path_factory, "whole") / f"{VAL_STEMS[0]}_labels.png")
+    np.testing.assert_array_equal(labels[0], written)
+    with pytest.raises(ValueError, match="original_sizes"):
+        segmenter.segment([full], resized=True)
