@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+from absl import logging as absl_logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -28,8 +29,13 @@ from flax import nnx
 # Replicated params: let one replica write each array whole. Orbax's default "replica-parallel" save
 # slices every array across replicas with one compiled slice per shape (10 s of compiles for the
 # tiny model on 4 CPU devices) to parallelise a device-to-host copy that is tiny next to a step.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+_verbosity = absl_logging.get_verbosity()
+absl_logging.set_verbosity(absl_logging.ERROR)  # registering an override logs a warning
+try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+finally:
+    absl_logging.set_verbosity(_verbosity)
 
 CONFIG_NAME = "config.json"
 TRAIN_CLASSES_NAME = "train_classes.json"

@@ -57,6 +57,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt", "bpe_simple_voc
 # --------------------------------------------------------------------------------------------------
 
 
+def _quiet_transformers() -> None:
+    # We use only its tokenizer: its "PyTorch was not found" notice at import is noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").exists() or ((folder / "vocab.json").exists() and
                                                     (folder / "merges.txt").exists())
@@ -64,6 +69,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def _tokenizer_from_openai_bpe(bpe_file: Path):
     """OpenAI's `bpe_simple_vocab_16e6.txt.gz` -> CLIPTokenizer (vocab built like OpenAI's SimpleTokenizer)."""
+    _quiet_transformers()
     from transformers import CLIPTokenizer
 
     from dcp_jax.models.tiny_clip import bytes_to_unicode
@@ -83,6 +89,7 @@ def _tokenizer_from_openai_bpe(bpe_file: Path):
 def load_tokenizer(path: str | os.PathLike):
     """CLIP tokenizer for a checkpoint: an HF directory (tokenizer.json or vocab.json + merges.txt), or the
     folder holding an OpenAI `.pt` (which carries no tokenizer itself)."""
+    _quiet_transformers()
     from transformers import CLIPTokenizer
 
     path = Path(path)

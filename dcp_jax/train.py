@@ -269,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     window_start, window_images = time.time(), 0
     step = start_step
     try:
-        with mesh:
+        with jax.set_mesh(mesh):
             for step in range(start_step + 1, config.total_steps + 1):
                 batch = pipeline.make_global_batch(next(train_iter), data_sharding)
                 state, metrics = train_step(state, batch, text_embeds)
