@@ -67,7 +67,8 @@ def _path_str(path) -> str:
 def make_optimizer(config, model: nnx.Module) -> nnx.Optimizer:
     """AdamW over the trainable params; CLIP params at lr x clip_lr_mult; full-model grad clipping.
 
-    Norm scales and biases get no weight decay (detectron2's WEIGHT_DECAY_NORM = 0 for norms).
+    Norm layers get no weight decay (detectron2's WEIGHT_DECAY_NORM = 0); biases are decayed like
+    detectron2's default.
     """
     schedule = learning_rate_schedule(config)
     o = config.optim
@@ -90,8 +91,10 @@ def make_optimizer(config, model: nnx.Module) -> nnx.Optimizer:
 
 
 def _is_norm_param(path: str) -> bool:
-    leaf_module = path.split("/")[-2] if "/" in path else ""
-    return ("norm" in leaf_module or "layrnorm" in leaf_module) or path.endswith("/bias")
+    """LayerNorm/GroupNorm scales and biases: every norm module's name contains "norm" (norm1,
+    layer_norm1, pre_layrnorm, post_layernorm, guidance_norm, ...)."""
+    parts = path.split("/")
+    return len(parts) >= 2 and "norm" in parts[-2]
 
 
 # ---------------------------------------------------------------------------------------------

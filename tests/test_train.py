@@ -197,3 +197,40 @@ def test_two_processes_train_together(data_dir, four_device_run, tmp_path):
     _, four = four_device_run
     np.testing.assert_allclose([m["loss"] for m in lines], losses(four)[:2], rtol=1e-4)
     assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
+
+
+def test_optimizer_lr_groups_weight_decay_and_freezing(tmp_path):
+    """One AdamW step with unit gradients: every trainable param moves by lr (head) or lr x 0.01 (CLIP),
+    plus decoupled weight decay except on norm layers; frozen params are not in the optimizer."""
+    from flax import nnx
+
+    from dcp_jax.models import dcp
+    from dcp_jax.models.tiny_clip import write_tiny_clip
+
+    config = config_lib.tiny_config()
+    config.optim.schedule = "constant"
+    config.optim.grad_clip_norm = 0.0  # unclipped, so Adam's first step is exactly lr-sized
+    clip_dir = write_tiny_clip(tmp_path / "clip", config.clip.tiny.to_dict(), seed=0)
+    model, _ = dcp.build_model_from_checkpoint(config, clip_dir)
+    optimizer = train.make_optimizer(config, model)
+    trainable = dcp.trainable_filter(config)
+    before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    grads = jax.tree.map(jax.numpy.ones_like, nnx.state(model, trainable))
+    optimizer.update(model, grads)
+    after = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    lr, wd = config.optim.lr, config.optim.weight_decay
+    trained = {p for p, _ in nnx.to_flat_state(nnx.state(model, trainable))}
+    checked = {"head": 0, "clip": 0, "norm": 0}
+    for path, old in before.items():
+        name = "/".join(map(str, path))
+        if path not in trained:
+            np.testing.assert_array_equal(after[path], old, err_msg=name)  # frozen
+            continue
+        group_lr = lr * (config.optim.clip_lr_mult if name.startswith("clip/") else 1.0)
+        decay = 0.0 if "norm" in name.split("/")[-2] else wd
+        # Adam's first step with a constant gradient is -lr (bias-corrected m / sqrt(v) = 1).
+        np.testing.assert_allclose(after[path], old - group_lr * (1.0 + decay * old), rtol=1e-4, atol=1e-7,
+                                   err_msg=name)
+        checked["norm" if not decay else "clip" if name.startswith("clip/") else "head"] += 1
+    assert all(checked.values()), checked
+    assert not any(p[0] == "clip" and p[1] == "text_model" for p in trained)
