@@ -198,3 +198,16 @@ def demo_config() -> ConfigDict:
     c.optim.clip_lr_mult = 1.0
     c.optim.grad_clip_norm = 1.0
     return c
+
+
+def apply_overrides(config: ConfigDict, overrides: dict) -> ConfigDict:
+    """Set dotted keys, e.g. {"model.dcs.theta": 0.0}; an unknown key is an error (like --config.KEY)."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"config key {key!r} does not exist")
+        node[leaf] = value
+    return config

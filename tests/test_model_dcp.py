@@ -14,6 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
+from dcp_jax import config as config_lib
 from dcp_jax.models import dcp, summary
 from dcp_jax.models.tiny_clip import tiny_config as tiny_clip_config
 from dcp_jax.models.tiny_clip import write_tiny_clip
@@ -44,13 +45,7 @@ def small_config(**overrides):
     c.model.num_heads = 2
     c.model.decoder.update(dims=(16, 8), attn_dim=8, shallow_dims=(16, 8), shallow_proj_dims=(8, 4),
                            cost_dims=(8, 4), shallow_qk_dim=8, window=4)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.apply_overrides(c, overrides)
 
 
 def make_model(config, seed=0, logit_scale=np.log(10.0)):

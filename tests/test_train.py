@@ -38,13 +38,7 @@ def tiny_run_config(data_dir, **overrides):
     c.checkpoint_every_steps = 100
     c.optim.lr = 1e-3
     c.optim.grad_clip_norm = 1.0
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.apply_overrides(c, overrides)
 
 
 def losses(summary):
