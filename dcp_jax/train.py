@@ -183,7 +183,7 @@ def make_train_step(config, graphdef, num_classes: int):
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
         (loss, metrics), grads = grad_fn(model)
         optimizer.update(model, grads)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                        bad_samples=jnp.sum(batch["bad"]) if "bad" in batch else jnp.zeros((), jnp.int32))
         return nnx.state((model, optimizer)), metrics
 
