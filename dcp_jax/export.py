@@ -34,7 +34,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

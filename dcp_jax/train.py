@@ -154,10 +154,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def gt_presence(labels: jax.Array, num_classes: int) -> jax.Array:
-    return dcp.gt_presence(labels, num_classes)
-
-
 # ---------------------------------------------------------------------------------------------
 # The training step
 # ---------------------------------------------------------------------------------------------

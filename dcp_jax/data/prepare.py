@@ -925,7 +925,7 @@ def _print_summary(benchmark: str, out: Path, reports: list[SplitReport], warnin
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
-_EPILOG = f"""\
+_EPILOG = """\
 What to unpack under --raw (the layout of CAT-Seg's datasets/README.md; --out gets the converted files):
 
 coco_stuff_171   (writes coco-stuff/annotations_detectron2/{{train2017,val2017}}/*.png, trainIds 0..170, 255)
