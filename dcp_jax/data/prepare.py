@@ -928,21 +928,21 @@ def _print_summary(benchmark: str, out: Path, reports: list[SplitReport], warnin
 _EPILOG = """\
 What to unpack under --raw (the layout of CAT-Seg's datasets/README.md; --out gets the converted files):
 
-coco_stuff_171   (writes coco-stuff/annotations_detectron2/{{train2017,val2017}}/*.png, trainIds 0..170, 255)
+coco_stuff_171   (writes coco-stuff/annotations_detectron2/{train2017,val2017}/*.png, trainIds 0..170, 255)
   unzip train2017.zip -d RAW/coco-stuff/images/  -> RAW/coco-stuff/images/train2017/*.jpg
   unzip val2017.zip   -d RAW/coco-stuff/images/  -> RAW/coco-stuff/images/val2017/*.jpg
   unzip stuffthingmaps_trainval2017.zip -d RAW/coco-stuff/annotations/
-                                                 -> RAW/coco-stuff/annotations/{{train2017,val2017}}/*.png
+                                                 -> RAW/coco-stuff/annotations/{train2017,val2017}/*.png
   from http://images.cocodataset.org/zips/ and http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/
 
 ade150           (writes ADEChallengeData2016/annotations_detectron2/validation/*.png, label - 1, 0 -> 255)
-  unzip ADEChallengeData2016.zip -d RAW/    -> RAW/ADEChallengeData2016/{{images,annotations}}/validation/
+  unzip ADEChallengeData2016.zip -d RAW/    -> RAW/ADEChallengeData2016/{images,annotations}/validation/
   from http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip
 
-ade847           (writes ADE20K_2021_17_01/{{images_detectron2,annotations_detectron2}}/validation/, classes.json)
+ade847           (writes ADE20K_2021_17_01/{images_detectron2,annotations_detectron2}/validation/, classes.json)
   unzip ADE20K_2021_17_01.zip -d RAW/       -> RAW/ADE20K_2021_17_01/index_ade20k.pkl and images/ADE/validation/...
   from https://ade20k.csail.mit.edu/ (registration required). Also needs --categories: CAT-Seg's
-  datasets/prepare_ade20k_full.py (parsed, not run) or a JSON list of {{"name", "id", "trainId"}}.
+  datasets/prepare_ade20k_full.py (parsed, not run) or a JSON list of {"name", "id", "trainId"}.
   Images with a short side above 512 are resized to 512 (bilinear; labels nearest), as in CAT-Seg.
 
 pc59             (writes VOCdevkit/VOC2010/annotations_detectron2/pc59_val/*.png, 59 classes, background 255)
@@ -961,7 +961,7 @@ pc459            (writes VOCdevkit/VOC2010/annotations_detectron2/pc459_val/*.ti
 
 voc20, voc20b    (both write VOCdevkit/VOC2012/annotations_detectron2/val/*.png (0 -> 255, 1..20 -> 0..19)
                   and annotations_detectron2_bg/val/*.png (0 -> 20))
-  tar -xf VOCtrainval_11-May-2012.tar -C RAW/ -> RAW/VOCdevkit/VOC2012/{{JPEGImages,ImageSets/Segmentation/val.txt}}
+  tar -xf VOCtrainval_11-May-2012.tar -C RAW/ -> RAW/VOCdevkit/VOC2012/{JPEGImages,ImageSets/Segmentation/val.txt}
   unzip SegmentationClassAug.zip -d RAW/VOCdevkit/VOC2012/ -> RAW/VOCdevkit/VOC2012/SegmentationClassAug/*.png
   from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ ; SegmentationClassAug is linked in CAT-Seg's datasets/README.md
 
