@@ -88,6 +88,12 @@ def _lists_to_tuples(obj):
     return obj
 
 
+def load_train_classes(workdir: str | os.PathLike) -> list[str] | None:
+    """The training vocabulary the trainer saved in W (None if absent: tag validation is then skipped)."""
+    path = Path(workdir) / TRAIN_CLASSES_NAME
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 class Checkpointer:
     """Orbax CheckpointManager over W/checkpoints with the items model, opt, data and meta."""
 

@@ -99,10 +99,8 @@ def evaluate_datasets(segmenter: Segmenter, specs: list[str], *, workdir: Path, 
 def evaluate_model(model, config, *, workdir: Path, step: int, clip_path: Path) -> dict:
     """The trainer's periodic and final evaluation (same code as the command line)."""
     from dcp_jax import text as text_lib
-    names = ckpt_lib.TRAIN_CLASSES_NAME
-    import json
-    train_classes = json.loads((Path(workdir) / names).read_text())
-    segmenter = Segmenter(model, config, text_lib.load_tokenizer(clip_path), train_classes=train_classes)
+    segmenter = Segmenter(model, config, text_lib.load_tokenizer(clip_path),
+                          train_classes=ckpt_lib.load_train_classes(workdir))
     return evaluate_datasets(segmenter, parse_specs(config.eval.datasets), workdir=workdir, step=step,
                              data_root=config.eval.data_root or None, max_images=config.eval.max_images,
                              command=f"dcp_jax.train (step {step})")

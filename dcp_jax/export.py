@@ -295,10 +295,8 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, checkp
     try:
         model, config, step = segmenter.restore_model(workdir, checkpoint=checkpoint)
         progress.update(1)
-        classes_path = workdir / ckpt_lib.TRAIN_CLASSES_NAME
-        train_classes = json.loads(classes_path.read_text()) if classes_path.exists() else None
         write_export(model, config, tmp, tokenizer_dir=workdir / segmenter.TOKENIZER_DIR,
-                     train_classes=train_classes, step=step, progress=progress)
+                     train_classes=ckpt_lib.load_train_classes(workdir), step=step, progress=progress)
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ both call `segment`, so they give the same labels for the same image.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -55,7 +56,6 @@ def save_inference_assets(workdir: Path, clip_path: Path, clip_config: clip_lib.
 
 
 def load_clip_config(workdir: Path) -> clip_lib.CLIPConfig:
-    import json
     path = workdir / CLIP_CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: {workdir} was not written by dcp_jax.train (it saves the "
@@ -115,10 +115,8 @@ class Segmenter:
                      checkpoint: str | int | None = None) -> "Segmenter":
         workdir = Path(workdir)
         model, config, step = restore_model(workdir, config, checkpoint)
-        train_classes_path = workdir / ckpt_lib.TRAIN_CLASSES_NAME
-        import json
-        train_classes = json.loads(train_classes_path.read_text()) if train_classes_path.exists() else None
-        seg = cls(model, config, text_lib.load_tokenizer(workdir / TOKENIZER_DIR), train_classes=train_classes)
+        seg = cls(model, config, text_lib.load_tokenizer(workdir / TOKENIZER_DIR),
+                  train_classes=ckpt_lib.load_train_classes(workdir))
         seg.step = step
         seg.checkpoint_dir = str(ckpt_lib.resolve_checkpoint(workdir, checkpoint)[0] / str(step))
         return seg

@@ -327,7 +327,7 @@ def _evaluate(config, workdir: Path, model, step: int, clip_path: Path) -> dict:
 def _progress(start: int, total: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                disable=not ckpt_lib.is_primary() or not sys.stderr.isatty() and total - start < 1)
+                disable=not ckpt_lib.is_primary())
 
 
 def _in_main_thread() -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcp_jax import config as config_lib
+from test_train import tiny_run_config
 from dcp_jax import evaluate
 from dcp_jax import predict
 from dcp_jax import train
@@ -49,18 +49,9 @@ def _trained_run(basetemp: Path) -> tuple[Path, Path]:
     root = basetemp / "eval_predict_run"
     root.mkdir()
     data_dir = write_synthetic_dataset(root / "synth", num_images=12, seed=1, size=64)
-    c = config_lib.tiny_config()
-    c.train.dataset = f"folder:{data_dir}"
-    c.eval.datasets = ""
-    c.train.batch_size = 4
-    c.total_steps = 4
-    c.checkpoint_every_steps = 2
-    c.log_every_steps = 1
-    c.optim.lr = 1e-3
-    c.optim.grad_clip_norm = 1.0
-    c.eval.short_side = 64
-    c.eval.slide_canvas = 96
-    c.eval.slide_stride = 32
+    # test_train's settings, so a full run reuses its compiled training programs.
+    c = tiny_run_config(data_dir, **{"checkpoint_every_steps": 2, "eval.short_side": 64,
+                                     "eval.slide_canvas": 96, "eval.slide_stride": 32})
     workdir = root / "workdir"
     train.train_and_evaluate(c, workdir)
     return workdir, data_dir
