@@ -1,10 +1,11 @@
-"""Every on-disk layout, label mapping against hand-made arrays, and every bad-input error.
+"""Every on-disk layout, label mapping against hand-made arrays, unseen classes, and every bad-input error.
 
 Tiny fake prepared datasets are written into tmp_path in each benchmark's layout (including
 uint16 TIFF labels for ade847/pc459), then fed through a training batch and an eval item.
 """
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def _raw_label(spec: str, seed: int) -> np.ndarray:
     """A label map with every kind of value the benchmark's files hold."""
     layout = BENCHMARKS[spec]["val"]
     rng = np.random.default_rng(seed)
-    num_values = 21 if spec == "voc20b" else layout.num_classes
+    num_values = 21 if spec == "voc20b" else len(classnames.load(spec))
     dtype = np.uint16 if layout.label_suffix == ".tif" else np.uint8
     raw = rng.integers(0, num_values, (H, W)).astype(dtype)
     raw[0, :4] = layout.ignore_label
@@ -51,8 +52,6 @@ def make_benchmark(root: Path, spec: str, split: str = "val", stems=("a1", "b2",
         _write_label(root / layout.annotations / f"{stem}{layout.label_suffix}", raws[stem])
     if not layout.images_exclusive:  # VOC's JPEGImages holds images of other splits too
         _write_image(root / layout.images / "zz_other_split.jpg", 99)
-    if layout.classes.endswith(".json"):
-        (root / layout.classes).write_text(json.dumps([f"class {i}" for i in range(layout.num_classes)]))
     return raws
 
 
@@ -124,10 +123,14 @@ def test_vocabulary_attributes(tmp_path):
     # every prediction >= 20 (a background name) is scored as label 20
     assert voc20b.pred_to_label.dtype == np.int32
     np.testing.assert_array_equal(voc20b.pred_to_label, list(range(20)) + [20] * 39)
-    ade847 = open_dataset("ade847", "val", str(tmp_path))
-    assert len(ade847.class_names) == 847 and ade847.num_label_classes == 847 and ade847.ignore_label == 65535
+    ade847 = open_dataset("ade847", "val", str(tmp_path))  # no classes.json: built in
+    assert ade847.class_names == classnames.load("ade847") and ade847.num_label_classes == 847
+    assert ade847.ignore_label == 65535
     pc459 = open_dataset("pc459", "val", str(tmp_path))
+    assert pc459.class_names == classnames.load("pc459")
     assert pc459.num_label_classes == 459 and pc459.ignore_label == 459
+    for ds in (ade, voc20b, ade847, pc459):
+        assert ds.unseen_classes == [] and ds.notes() == []
 
 
 def test_data_root_from_environment(tmp_path, monkeypatch):
@@ -185,10 +188,24 @@ def test_label_mapping_ade150_png(tmp_path):
     np.testing.assert_array_equal(ds[0]["label"], [[0, 149, -1], [7, -1, 1]])
 
 
+def test_pc459_catseg_wrap_65535_is_ignored_and_counted(tmp_path):
+    raw = np.array([[65535, 0, 458], [65535, 459, 65535]], np.uint16)  # CAT-Seg's uint16 0 - 1 = 65535
+    ds = _one_label_dataset(tmp_path, "pc459", raw)
+    assert ds.notes() == []
+    np.testing.assert_array_equal(ds[0]["label"], [[-1, 0, 458], [-1, -1, -1]])
+    ds[0]
+    (note,) = ds.notes()  # 3 pixels per read, read twice in this process
+    assert note.startswith("pc459: 6 label pixels in 2 images held 65535, CAT-Seg's uint16 wrap of a LabelMap 0; "
+                           "they were read as ignore.")
+    assert f"`python -m dcp_jax.data.prepare pc459 --raw {tmp_path} --overwrite`" in note and "(459)" in note
+    clone = pickle.loads(pickle.dumps(ds))  # a grain worker starts counting afresh
+    assert clone.notes() == [] and clone[0]["label"][0, 0] == -1 and len(clone.notes()) == 1
+
+
 @pytest.mark.parametrize("spec, raw, value", [
     ("voc20b", np.array([[21, 0]], np.uint8), "21"),  # 21 classes scored: 0..20
     ("voc20", np.array([[20, 0]], np.uint8), "20"),
-    ("pc459", np.array([[65535, 0]], np.uint16), "65535"),  # the uint16 wrap-around of 0 - 1
+    ("pc459", np.array([[65534, 0]], np.uint16), "65534"),
     ("ade847", np.array([[847, 0]], np.uint16), "847"),
 ])
 def test_label_value_outside_vocabulary_is_an_error(tmp_path, spec, raw, value):
@@ -236,35 +253,19 @@ def test_unknown_spec_lists_known_names():
         open_dataset("ade20k")
 
 
-def test_missing_directory_prints_layout_and_prepare_command(tmp_path):
+def test_missing_directory_is_one_line_naming_it_and_the_prepare_command(tmp_path):
     with pytest.raises(DatasetError) as info:
         open_dataset("ade150", "val", str(tmp_path))
     message = str(info.value)
-    assert str(tmp_path / "ADEChallengeData2016/annotations_detectron2/validation") in message
-    assert "ADEChallengeData2016/images/validation/*.jpg" in message
-    assert "python -m dcp_jax.data.prepare ade150" in message
+    assert "\n" not in message
+    assert f"directory not found: {tmp_path / 'ADEChallengeData2016/annotations_detectron2/validation'}" in message
+    assert f"python -m dcp_jax.data.prepare ade150 --raw DOWNLOADS --out {tmp_path}" in message
 
 
 def test_missing_split(tmp_path):
     make_benchmark(tmp_path, "ade150")
-    with pytest.raises(DatasetError, match="no split 'train'; available: val"):
+    with pytest.raises(DatasetError, match="no split 'train'; use val"):
         open_dataset("ade150", "train", str(tmp_path))
-
-
-@pytest.mark.parametrize("spec, file", [("ade847", "ADE20K_2021_17_01/classes.json"),
-                                        ("pc459", "VOCdevkit/VOC2010/classes_pc459.json")])
-def test_missing_classes_json_names_file_and_prepare(tmp_path, spec, file):
-    make_benchmark(tmp_path, spec)
-    (tmp_path / file).unlink()
-    with pytest.raises(DatasetError, match=rf"(?s){file}.*python -m dcp_jax.data.prepare {spec}"):
-        open_dataset(spec, "val", str(tmp_path))
-
-
-def test_classes_json_wrong_length(tmp_path):
-    make_benchmark(tmp_path, "ade847")
-    (tmp_path / "ADE20K_2021_17_01/classes.json").write_text(json.dumps(["a", "b"]))
-    with pytest.raises(DatasetError, match="expected 847 class names for ade847, found 2"):
-        open_dataset("ade847", "val", str(tmp_path))
 
 
 def test_label_without_image(tmp_path):
@@ -353,3 +354,59 @@ def test_compressed_16bit_tiffs_read_exactly(tmp_path, compression):
     path = tmp_path / "x.tif"
     Image.fromarray(raw).save(path, compression=compression)
     np.testing.assert_array_equal(read_label(str(path), 65535, 847), _expected(raw, 65535))
+
+
+# ------------------------------------------------------------------------------------------
+# seen / unseen classes (meta.json "unseen_classes")
+
+
+def _unseen_folder(path: Path) -> dict:
+    raws = make_folder(path, splits=("train", "val"), num_classes=5)
+    (path / "meta.json").write_text(json.dumps({"unseen_classes": ["thing3", "thing1"]}))
+    return raws
+
+
+def test_train_split_leaves_unseen_classes_out(tmp_path):
+    raws = _unseen_folder(tmp_path / "zs")
+    train = open_dataset(f"folder:{tmp_path / 'zs'}", "train")
+    assert train.class_names == ["thing0", "thing2", "thing4"]  # seen classes, original order
+    assert train.num_label_classes == 3 and train.unseen_classes == ["thing3", "thing1"]
+    np.testing.assert_array_equal(train.pred_to_label, [0, 1, 2])
+    # hand-worked remap: 0 -> 0, 1 -> ignore, 2 -> 1, 3 -> ignore, 4 -> 2, 255 -> ignore
+    lut = {0: 0, 1: -1, 2: 1, 3: -1, 4: 2, 255: -1}
+    for i in range(2):
+        expected = np.vectorize(lut.get)(raws[f"train{i}"]).astype(np.int32)
+        np.testing.assert_array_equal(train[i]["label"], expected)
+    batch = next(iter(train_dataset(train, crop_size=16, global_batch_size=2, seed=0, shard_index=0, shard_count=1)))
+    assert batch["label"].max() < 3
+
+    val = open_dataset(f"folder:{tmp_path / 'zs'}", "val")
+    assert val.class_names == [f"thing{i}" for i in range(5)] and val.unseen_classes == ["thing3", "thing1"]
+    np.testing.assert_array_equal(val[0]["label"], _expected(raws["val0"], 255))
+    full = open_dataset(f"folder:{tmp_path / 'zs'}", "train", full_vocabulary=True)
+    assert len(full.class_names) == 5
+    np.testing.assert_array_equal(full[0]["label"], _expected(raws["train0"], 255))
+    assert open_dataset(f"folder:{tmp_path / 'zs'}", "val").unseen_classes == ["thing3", "thing1"]
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"unseen_classes": ["nope"]}, r"unseen class 'nope' is not in the class list"),
+    ({"unseen_classes": "thing1"}, r"unseen_classes must be a JSON list"),
+    ({"unseen_classes": [f"thing{i}" for i in range(5)]}, r"holds every class"),
+])
+def test_bad_unseen_classes_name_meta_json(tmp_path, meta, match):
+    make_folder(tmp_path / "f", splits=("",))
+    (tmp_path / "f/meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=match) as info:
+        open_dataset(f"folder:{tmp_path / 'f'}", "train")
+    assert "meta.json" in str(info.value)
+
+
+def test_errors_are_one_line(tmp_path):
+    make_folder(tmp_path / "f", splits=("",))
+    (tmp_path / "f/classes.json").unlink()
+    for args in [("nope",), (f"folder:{tmp_path / 'nope'}",), (f"folder:{tmp_path / 'f'}",),
+                 ("voc20", "val", str(tmp_path))]:
+        with pytest.raises(DatasetError) as info:
+            open_dataset(*args)
+        assert "\n" not in str(info.value)

@@ -6,6 +6,7 @@ official id tables (COCO category ids, the Pascal-Context 459-class ids), not co
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -13,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
 
+from dcp_jax.data import classnames
 from dcp_jax.data import prepare as prep
 from dcp_jax.data.prepare import PrepareError, prepare
 
@@ -241,8 +244,15 @@ def test_ade150_label_minus_one_and_symlinked_images(tmp_path):
     assert report.warnings == [] and report.splits[0].expected is None and report.splits[0].pairs == 1
 
 
+def _catseg_jpeg(array: np.ndarray) -> bytes:
+    """CAT-Seg's image encode: Image.fromarray(img).save("x.jpg") (PIL's JPEG defaults)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("categories_format", ["json", "py"])
-def test_ade847_ids_resize_tiff_and_classes_json(tmp_path, categories_format):
+def test_ade847_ids_resize_tiff_and_no_classes_json(tmp_path, categories_format):
     raw, out = tmp_path / "raw", tmp_path / "out"
     categories = make_ade847(raw)
     if categories_format == "py":  # CAT-Seg's script is parsed, never run (the raise proves it)
@@ -251,7 +261,7 @@ def test_ade847_ids_resize_tiff_and_classes_json(tmp_path, categories_format):
                               f"ADE20K_SEM_SEG_FULL_CATEGORIES = {CATEGORIES!r}\n")
     report = prepare("ade847", raw, out, categories=categories, count_check=False, progress=False)
     root = out / "ADE20K_2021_17_01"
-    assert json.loads((root / "classes.json").read_text()) == ["wall", "building, edifice", "sky"]
+    assert not (root / "classes.json").exists()  # the vocabulary is built in
 
     small = Image.open(root / "annotations_detectron2/validation/ADE_val_00000001.tif")
     assert small.mode == "I;16"
@@ -266,11 +276,24 @@ def test_ade847_ids_resize_tiff_and_classes_json(tmp_path, categories_format):
     expected[99:, :296] = 0
     expected[99:, 296:] = 1
     np.testing.assert_array_equal(large, expected)
-    image = Image.open(root / "images_detectron2/validation/ADE_val_00000002.jpg")
-    assert image.size == (591, 512) and image.mode == "RGB"
     assert not list(root.glob("*_detectron2/training/*"))  # the train entry of the index is not converted
     assert report.splits[0].pairs == 2 and report.splits[0].counts["resized"] == 1
     assert not any("objectnames" in note for note in report.splits[0].notes)
+    assert any("has 3 class names, ade847 has 847" in note for note in report.splits[0].notes)
+
+
+def test_ade847_images_are_byte_identical_to_catseg(tmp_path):
+    # CAT-Seg: img = np.asarray(Image.open(jpg)); cv2.resize(img, (w, h), INTER_LINEAR); Image.fromarray(img).save
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    categories = make_ade847(raw)
+    prepare("ade847", raw, out, categories=categories, count_check=False, progress=False)
+    src_dir = raw / "ADE20K_2021_17_01/images/ADE/validation/abbey"
+    dst_dir = out / "ADE20K_2021_17_01/images_detectron2/validation"
+    source = np.asarray(Image.open(src_dir / "ADE_val_00000002.jpg"))  # 520 x 600: needs resizing
+    resized = cv2.resize(source, (591, 512), interpolation=cv2.INTER_LINEAR)
+    assert (dst_dir / "ADE_val_00000002.jpg").read_bytes() == _catseg_jpeg(resized)
+    small = np.asarray(Image.open(src_dir / "ADE_val_00000001.jpg"))  # kept at its size, re-encoded
+    assert (dst_dir / "ADE_val_00000001.jpg").read_bytes() == _catseg_jpeg(small)
 
 
 def test_ade847_requires_categories_and_flags_mismatched_names(tmp_path):
@@ -320,7 +343,7 @@ def test_rle_decoding_matches_hand_worked_examples():
         prep.rle_decode({"size": [2, 3], "counts": [1, 2, 2]})
 
 
-def test_pc459_tiff_wrap_guard_and_classes_json(tmp_path, capsys):
+def test_pc459_tiff_wrap_guard_and_no_classes_json(tmp_path, capsys):
     raw = tmp_path / "raw"
     make_pc459(raw)
     report = prepare("pc459", raw, raw, progress=False)  # in place, as CAT-Seg does
@@ -331,13 +354,29 @@ def test_pc459_tiff_wrap_guard_and_classes_json(tmp_path, capsys):
     assert labels.dtype == np.uint16
     np.testing.assert_array_equal(labels, PC459_EXPECTED_1)
     np.testing.assert_array_equal(_read(voc / "annotations_detectron2/pc459_val/2008_000002.tif"), [[4, 5], [6, 7]])
-    names = json.loads((voc / "classes_pc459.json").read_text())
-    assert len(names) == 459 and names[0] == "accordion" and names[429] == "unknown" and names[458] == "zebra"
+    assert not (voc / "classes_pc459.json").exists()
     split = report.splits[0]
     assert split.pairs == 2 and split.counts["missing_raw"] == 1 and split.counts["pc459_zero_pixels"] == 2
     out = capsys.readouterr().out
     assert "2 pixels in 1 LabelMaps were 0" in out and "5104" in out
     assert "expected 5105 or 5104: MISMATCH" in out
+    assert "1 listed sample(s) have no raw file" in out and "2008_000009.mat" in out
+    # labels.txt is only compared: the fake's names 'class4', ... differ from CAT-Seg's
+    assert "class names in " in out and "differ from the built-in pc459 list" in out
+
+
+def test_pc459_labels_txt_spelled_with_spaces_matches_and_is_optional(tmp_path):
+    raw = tmp_path / "raw"
+    make_pc459(raw)
+    voc = raw / "VOCdevkit/VOC2010"
+    names = classnames.load("pc459")
+    spaced = {2: "air conditioner", 7: "baby carriage"}  # labels.txt style; CAT-Seg drops the spaces
+    (voc / "labels.txt").write_text("".join(f"{i + 1}: {spaced.get(i, n)}\n" for i, n in enumerate(names)))
+    report = prepare("pc459", raw, tmp_path / "out", count_check=False, progress=False)
+    assert not any("differ" in note for note in report.splits[0].notes)
+    (voc / "labels.txt").unlink()
+    report = prepare("pc459", raw, tmp_path / "out2", count_check=False, progress=False)
+    assert report.splits[0].pairs == 2
 
 
 def test_voc_both_variants_in_place(tmp_path):
@@ -440,46 +479,7 @@ def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path):
     assert dst.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# cv2.resize re-implementation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _float_linear_reference(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Half-pixel bilinear without antialiasing (cv2 INTER_LINEAR geometry) in float64."""
-    def taps(src, dst):
-        pos = np.clip((np.arange(dst) + 0.5) * src / dst - 0.5, 0, src - 1)
-        left = np.floor(pos).astype(int)
-        return left, np.minimum(left + 1, src - 1), pos - left
-    x0, x1, fx = taps(image.shape[1], width)
-    y0, y1, fy = taps(image.shape[0], height)
-    img = image.astype(np.float64)
-    fx, fy = fx[None, :, None], fy[:, None, None]
-    rows = img[:, x0] * (1 - fx[0]) + img[:, x1] * fx[0]
-    return np.rint(rows[y0] * (1 - fy) + rows[y1] * fy)
-
-
-def test_cv2_resize_linear_matches_hand_values_and_float_reference():
-    # 4 -> 2 columns: sources 0.5 and 2.5 -> (0+100)/2 = 50 and (200+255)/2 = 227.5 -> 228.
-    np.testing.assert_array_equal(prep.cv2_resize_linear(np.array([[0, 100, 200, 255]], np.uint8), 1, 2),
-                                  [[50, 228]])
-    # exact 2x in both directions: OpenCV averages 2x2 blocks with rounding, (0+1+2+3+2)>>2 = 2, (101+2)>>2 = 25
-    np.testing.assert_array_equal(
-        prep.cv2_resize_linear(np.array([[0, 1, 10, 20], [2, 3, 30, 41]], np.uint8), 1, 2), [[2, 25]])
-    rng = np.random.default_rng(0)
-    for (h, w), (nh, nw) in [((37, 53), (20, 29)), ((5, 7), (11, 13)), ((520, 600), (512, 591))]:
-        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        got = prep.cv2_resize_linear(image, nh, nw)
-        assert got.shape == (nh, nw, 3) and got.dtype == np.uint8
-        assert np.abs(got.astype(int) - _float_linear_reference(image, nh, nw)).max() <= 1
-    gray = rng.integers(0, 256, (9, 6), dtype=np.uint8)
-    assert np.abs(prep.cv2_resize_linear(gray, 4, 5).astype(int)
-                  - _float_linear_reference(gray[..., None], 4, 5)[..., 0]).max() <= 1
-
-
-def test_cv2_resize_nearest_and_target_size():
-    # INTER_NEAREST: floor(x * 5/3) = 0, 1, 3 (not the pixel-centre rule, which would give 0, 2, 4)
-    np.testing.assert_array_equal(prep.cv2_resize_nearest(np.arange(5)[None], 1, 3), [[0, 1, 3]])
+def test_ade847_target_size():
     assert prep.ade847_target_size(520, 600) == (512, 591)
     assert prep.ade847_target_size(600, 520) == (591, 512)
     assert prep.ade847_target_size(1000, 1000) == (512, 512)
@@ -522,16 +522,128 @@ def test_cli_help_and_errors(tmp_path):
     assert "ADEChallengeData2016.zip" in result.stderr
 
 
-def test_missing_samples_are_counted_and_reported(tmp_path, capsys):
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input as a new user meets it: one clear message naming the file and the fix, nothing of theirs overwritten
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _snapshot(root: Path) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_ade847_jpg_is_named_and_user_files_kept(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    categories = make_ade847(raw)
+    bad = raw / "ADE20K_2021_17_01/images/ADE/validation/abbey/ADE_val_00000002.jpg"
+    _truncate(bad)
+    mine = out / "ADE20K_2021_17_01/annotations_detectron2/validation/ADE_val_00000001.tif"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"mine")
+    before = mine.stat().st_mtime_ns
+    with pytest.raises(PrepareError, match=rf"cannot read {bad}.*truncated or corrupt: extract it again from "
+                                           r"ADE20K_2021_17_01\.zip"):
+        prepare("ade847", raw, out, categories=categories, count_check=False, progress=False)
+    assert mine.read_bytes() == b"mine" and mine.stat().st_mtime_ns == before
+    assert not (out / "ADE20K_2021_17_01/annotations_detectron2/validation/ADE_val_00000002.tif").exists()
+
+
+@pytest.mark.parametrize("benchmark", ["ade847", "pc59"])
+def test_truncated_index_or_json_is_named_with_the_fix(tmp_path, benchmark):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    kwargs = {}
+    if benchmark == "ade847":
+        kwargs["categories"] = make_ade847(raw)
+        bad, fix = raw / "ADE20K_2021_17_01/index_ade20k.pkl", r"extract it again from ADE20K_2021_17_01\.zip"
+    else:
+        make_pc59(raw)
+        bad, fix = raw / "VOCdevkit/VOC2010/trainval_merged.json", r"download it again \(trainval_merged\.json"
+    _truncate(bad)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PrepareError, match=rf"cannot read {bad}: .*truncated or corrupt: {fix}") as info:
+        prepare(benchmark, raw, out, progress=False, **kwargs)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in out.rglob("*")) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("benchmark, make, inner, holder", [
+    ("ade150", make_ade150, "ADEChallengeData2016", "ADEChallengeData2016/"),
+    ("voc20", make_voc, "VOCdevkit/VOC2012", "VOCdevkit/"),
+])
+def test_raw_one_level_too_deep_says_where_to_point(tmp_path, benchmark, make, inner, holder):
     raw = tmp_path / "raw"
+    make(raw)
+    with pytest.raises(PrepareError, match=rf"point --raw at the folder that holds {holder} \({raw}\)"):
+        prepare(benchmark, raw / inner, tmp_path / "out", progress=False)
+    with pytest.raises(PrepareError, match=rf"one level too high: point --raw at the folder that holds {holder} "
+                                           rf"\({raw}\)"):
+        prepare(benchmark, tmp_path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _empty_ade150_images(raw):
+    make_ade150(raw)
+    for p in (raw / "ADEChallengeData2016/images/validation").iterdir():
+        p.unlink()
+    return raw / "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg"
+
+
+def _empty_trainval(raw):
+    make_pc459(raw)
+    for p in (raw / "VOCdevkit/VOC2010/trainval").iterdir():
+        p.unlink()
+    return raw / "VOCdevkit/VOC2010/trainval/2008_000001.mat"
+
+
+def _empty_coco_val_images(raw):
+    make_coco(raw)
+    for p in (raw / "coco-stuff/images/val2017").iterdir():
+        p.unlink()
+    return raw / "coco-stuff/images/val2017/000000000139.jpg"
+
+
+@pytest.mark.parametrize("benchmark, damage, count", [("ade150", _empty_ade150_images, "1 of 1"),
+                                                      ("pc459", _empty_trainval, "3 of 3"),
+                                                      ("coco_stuff_171", _empty_coco_val_images, "2 of 2")])
+def test_half_extracted_download_stops_naming_the_first_missing_files(tmp_path, benchmark, damage, count):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    first_missing = damage(raw)
+    with pytest.raises(PrepareError, match=rf"{count} listed samples lack a raw file, first {first_missing}.*"
+                                           r"half-extracted: extract .* again.*Nothing of val was written"):
+        prepare(benchmark, raw, out, splits="val", progress=False)
+    assert not out.exists()
+
+
+def test_half_extracted_cli_exits_non_zero_with_one_error_line(tmp_path):
+    raw = tmp_path / "raw"
+    first_missing = _empty_coco_val_images(raw)
+    result = _cli("coco_stuff_171", "--raw", str(raw), "--out", str(tmp_path / "out"), "--split", "val",
+                  "--no-progress")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: coco_stuff_171 val: 2 of 2")
+    assert str(first_missing) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_raw_label_newer_than_its_output_is_reported_not_kept(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
     make_voc(raw)
-    voc = raw / "VOCdevkit/VOC2012"
-    (voc / "ImageSets/Segmentation/val.txt").write_text("2007_000033\n2007_000042\n2007_000099\n")  # 99: no label
-    (voc / "JPEGImages/2007_000042.jpg").unlink()
-    report = prepare("voc20", raw, tmp_path / "out", count_check=False, progress=False)
-    split = report.splits[0]
-    assert split.counts["missing_raw"] == 1 and split.counts["missing_image"] == 1
-    assert split.pairs == 1  # 2007_000042 has a label but no image
-    out = capsys.readouterr().out
-    assert "1 listed samples have no raw label file" in out and "1 labels have no raw image" in out
-    assert "1 annotation files in" in out
+    prepare("voc20", raw, out, count_check=False, progress=False)
+    src = raw / "VOCdevkit/VOC2012/SegmentationClassAug/2007_000042.png"
+    _png(src, VOC_RAW[:2])  # the user fixed a raw label after converting
+    later = os.stat(src).st_mtime + 100
+    os.utime(src, (later, later))
+    before = _snapshot(out)
+    with pytest.raises(PrepareError, match=r"voc20/voc20b val: 1 converted files are older than their raw input, first "
+                                           rf".*2007_000042\.png \(raw {src} is newer\)\. Rerun with --overwrite"):
+        prepare("voc20", raw, out, count_check=False, progress=False)
+    assert _snapshot(out) == before
+    prepare("voc20", raw, out, overwrite=True, count_check=False, progress=False)
+    np.testing.assert_array_equal(_read(out / "VOCdevkit/VOC2012/annotations_detectron2/val/2007_000042.png"),
+                                  VOC_EXPECTED)

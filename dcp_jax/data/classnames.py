@@ -1,12 +1,10 @@
-"""Built-in class-name lists of the standard benchmarks, as JSON package data.
+"""Built-in vocabularies of the seven standard benchmarks, as JSON package data.
 
-Each list is identical in order and spelling to the one CAT-Seg and SED score with (their
-`datasets/{coco,ade150,pc59,voc20,voc20b}.json`; index = label value). ADE-847 and PC-459 are not
-built in: their names come from the dataset's own `classes.json` (see `dcp_jax.data.datasets`).
-
-The lists were cross-checked against mmsegmentation 1.2.2's `mmseg/utils/class_names.py`
-(ADE-150, PC-59, COCO-Stuff-171 and VOC-20 agree name for name). voc20b is the 20 VOC names
-followed by the 39 PC-59 names that are not VOC classes (PC-59's `table` is VOC's `diningtable`).
+The published open-vocabulary numbers (CAT-Seg, SED, DCP-CLIP Table I) were scored with CAT-Seg's
+`datasets/*.json` class lists, and a different name or order changes the text embeddings and so
+the mIoU. The files in `classnames/` are those lists byte for byte (CAT-Seg, MIT licence, see
+`classnames/LICENSE-CAT-Seg`); CAT-Seg's `coco.json` is stored as `coco_stuff_171.json`. Index =
+label value. A name holding ", " lists synonyms (ade847), kept as one string as CAT-Seg does.
 """
 
 from __future__ import annotations
@@ -15,13 +13,16 @@ import hashlib
 import json
 from importlib import resources
 
-# sha256 of each JSON file: catches accidental edits (tests/test_data_classnames.py checks them).
+# sha256 of each stored file: an accidental edit would silently change a vocabulary
+# (tests/test_data_classnames.py also compares every file with CAT-Seg's, name for name).
 SHA256 = {
-    "ade150": "1e80d91fc0579adcebe44d991625277c909d41f9e57df147f32e9b55cac67fbc",
-    "coco_stuff_171": "2577d573ecac40df7c2245b02b53d6268a44323f3b664d96b05368658abf2320",
-    "pc59": "8fa4c944846990b8b5ad2b370caf60f4c262a12b64530d070f4ca10967d1c9b1",
-    "voc20": "0dcbbf92909de3e6317130248bf1c901d40c34a875ac3972a1db9c9a9c581e24",
-    "voc20b": "4cd33547d60a72b3fc4a6df15fcc312ee34256ec8884ed2eb02646600c7e3336",
+    "ade150": "13acce5a2acf692d795841c0e5d66db8105bc2fbac99f4470e2ec4b5372ae15e",
+    "ade847": "eefd744c873fafa42e74353a3e75d8abc6c67e1cc4e830923236b4d6b9449676",
+    "coco_stuff_171": "0d1caff40f22c2f8de07c9d3016f2521dea096ae8b51889a12d3511bc33a18e7",
+    "pc459": "cf64f1df183b191040c774ba97f3e4786dd31605f913a7cbd3abbcdf8d21baca",
+    "pc59": "99bf900203f2c9ea2d08834924885c51d22f8ecd76df655ac44f74c3c0f4c217",
+    "voc20": "e3885dd5a88e12dc2e383f4f2427583be9a5984f9ae0859403b35e5dd7829d6e",
+    "voc20b": "3bca95a149e01af1039de3b8ff1b8ad15da45fe5128152b4ca109a8b8ca66d73",
 }
 
 BUILTIN = tuple(sorted(SHA256))
@@ -32,19 +33,20 @@ def _resource(name: str):
 
 
 def file_sha256(name: str) -> str:
-    """sha256 of the stored JSON file for a built-in list."""
+    """sha256 of the stored JSON file of a built-in list."""
     return hashlib.sha256(_resource(name).read_bytes()).hexdigest()
 
 
 def load(name: str) -> list[str]:
     """Class names of a built-in benchmark vocabulary, index = label value.
 
-    `name` is one of coco_stuff_171, ade150, pc59, voc20, voc20b.
+    `name` is one of ade150, ade847, coco_stuff_171, pc459, pc59, voc20, voc20b. The file's
+    checksum is verified, so an edited copy fails loudly instead of scoring another vocabulary.
     """
     if name not in SHA256:
-        hint = ""
-        if name in ("ade847", "pc459"):
-            hint = (f" {name} names come from the dataset's classes.json "
-                    f"(written by `python -m dcp_jax.data.prepare {name} ...`).")
-        raise KeyError(f"no built-in class names for {name!r}; built-in lists: {', '.join(BUILTIN)}.{hint}")
-    return json.loads(_resource(name).read_text(encoding="utf-8"))
+        raise KeyError(f"no built-in class names for {name!r}; built-in lists: {', '.join(BUILTIN)}")
+    data = _resource(name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != SHA256[name]:
+        raise ValueError(f"{_resource(name)} does not match its recorded sha256; reinstall dcp_jax "
+                         "(the built-in vocabularies must equal CAT-Seg's lists)")
+    return json.loads(data.decode("utf-8"))

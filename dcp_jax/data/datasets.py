@@ -1,23 +1,24 @@
-"""Segmentation datasets on disk, in the layout CAT-Seg's preparation scripts produce.
+"""Segmentation datasets: the benchmarks as CAT-Seg's scripts prepare them, folder datasets, TFDS datasets.
 
-A dataset is named by one spec string: a benchmark name (see `BENCHMARKS`) or `folder:PATH`.
-`open_dataset(spec, split, data_root)` returns a `SegDataset`, a random-access source (grain's
-RandomAccessDataSource protocol) whose items are
+A dataset is named by one spec string:
 
-    {"image": uint8 [H, W, 3] RGB, "label": int32 [H, W] (ignore -> -1), "name": file stem}
+  * a benchmark name (see `BENCHMARKS`), read from a root directory: `data_root`, else
+    $DETECTRON2_DATASETS, else ./datasets. A root that CAT-Seg's `datasets/prepare_*.py` wrote is
+    read as it is; every vocabulary is built in (`dcp_jax.data.classnames`, CAT-Seg's lists).
+  * `folder:PATH`, a folder dataset (layout in `FOLDER_HELP`).
+  * `tfds:NAME[:SPLIT]`, a TFDS dataset under the TFDS data_dir `data_root` (`dcp_jax.data.tfds_data`).
 
-Benchmarks live under a root directory: `data_root`, else $DETECTRON2_DATASETS, else ./datasets,
-so a root prepared for CAT-Seg or SED works unchanged. Images are paired with annotations by
-file stem and enumerated from the annotation directory (VOC's JPEGImages holds more images).
+`open_dataset(spec, split, data_root)` returns a random-access source (grain's RandomAccessDataSource
+protocol) whose items are
 
-A folder dataset PATH holds images/, annotations/ (.png or 16-bit .tif, same stems), classes.json
-(a JSON list, index = label value) and optionally meta.json ({"ignore_label": 255, "name": ...}).
-It may split into images/<split>/ and annotations/<split>/; without such subdirs the flat dirs
-serve every split.
+    {"image": uint8 [H, W, 3] RGB, "label": int32 [H, W] (ignore -> -1), "name": str}
 
-`arrayrecord:PATH` opens a split packed by `pack_array_record` (original file bytes in a few
-ArrayRecord shards, for multi-host training). `python -m dcp_jax.data.datasets SPEC --check`
-reads every sample and lists the bad ones; `--pack OUT` packs a split.
+and whose attributes are name, split, class_names, num_label_classes, pred_to_label, ignore_label,
+unseen_classes and `notes()` (see `SegSource`). Images are paired with annotations by file stem and
+enumerated from the annotation directory (VOC's JPEGImages holds other splits' images too).
+
+`python -m dcp_jax.data.datasets SPEC --check` reads every sample and lists the bad ones;
+`--pack DIR` writes the spec as a TFDS dataset (see --help).
 """
 
 from __future__ import annotations
@@ -26,17 +27,24 @@ import dataclasses
 import io
 import json
 import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["BENCHMARKS", "ArrayRecordSegDataset", "DatasetError", "SegDataset", "open_dataset", "pack_array_record",
-           "resolve_root"]
+from dcp_jax.data import classnames
+
+__all__ = ["BENCHMARKS", "FOLDER_HELP", "DatasetError", "SegDataset", "SegSource", "open_dataset", "read_image",
+           "read_label", "resolve_root"]
 
 
 class DatasetError(ValueError):
-    """Bad dataset input: a missing directory or file, an unreadable image, a bad label value."""
+    """Bad dataset input: a missing directory or file, an unreadable image, a bad label value.
+
+    The message is one line that names the file and the fix.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,45 +53,58 @@ class _Benchmark:
     annotations: str  # annotation dir, relative to the root
     label_suffix: str
     ignore_label: int
-    classes: str  # a built-in list name, or a classes.json path relative to the root
     images_exclusive: bool  # the image dir holds exactly this split's images
-    num_classes: int
     image_suffix: str = ".jpg"
+    # A second value read as ignore and counted: pc459 labels written by CAT-Seg's script hold
+    # 65535 where the LabelMap is 0 (uint16 `LabelMap - 1` wraps around).
+    wrapped_ignore: int | None = None
 
 
 def _coco(split_dir: str) -> _Benchmark:
     return _Benchmark(f"coco-stuff/images/{split_dir}", f"coco-stuff/annotations_detectron2/{split_dir}",
-                      ".png", 255, "coco_stuff_171", True, 171)
+                      ".png", 255, True)
 
 
-# name -> {split: layout}. Benchmarks other than COCO have only their validation split.
+# name -> {split: layout}; the vocabulary is the built-in list of the same name. Benchmarks other
+# than COCO have only their validation split.
 BENCHMARKS: dict[str, dict[str, _Benchmark]] = {
     "coco_stuff_171": {"train": _coco("train2017"), "val": _coco("val2017")},
     "ade150": {"val": _Benchmark("ADEChallengeData2016/images/validation",
-                                 "ADEChallengeData2016/annotations_detectron2/validation",
-                                 ".png", 255, "ade150", True, 150)},
+                                 "ADEChallengeData2016/annotations_detectron2/validation", ".png", 255, True)},
     "ade847": {"val": _Benchmark("ADE20K_2021_17_01/images_detectron2/validation",
-                                 "ADE20K_2021_17_01/annotations_detectron2/validation",
-                                 ".tif", 65535, "ADE20K_2021_17_01/classes.json", True, 847)},
+                                 "ADE20K_2021_17_01/annotations_detectron2/validation", ".tif", 65535, True)},
     "pc59": {"val": _Benchmark("VOCdevkit/VOC2010/JPEGImages",
-                               "VOCdevkit/VOC2010/annotations_detectron2/pc59_val",
-                               ".png", 255, "pc59", False, 59)},
-    # ignore 459 never occurs in the 0..458 labels, so class 430 'unknown' is scored (CAT-Seg).
+                               "VOCdevkit/VOC2010/annotations_detectron2/pc59_val", ".png", 255, False)},
+    # ignore 459 never occurs in CAT-Seg's 0..458 labels, so class 430 'unknown' is scored (as in CAT-Seg).
     "pc459": {"val": _Benchmark("VOCdevkit/VOC2010/JPEGImages",
-                                "VOCdevkit/VOC2010/annotations_detectron2/pc459_val",
-                                ".tif", 459, "VOCdevkit/VOC2010/classes_pc459.json", False, 459)},
+                                "VOCdevkit/VOC2010/annotations_detectron2/pc459_val", ".tif", 459, False,
+                                wrapped_ignore=65535)},
     "voc20": {"val": _Benchmark("VOCdevkit/VOC2012/JPEGImages",
-                                "VOCdevkit/VOC2012/annotations_detectron2/val",
-                                ".png", 255, "voc20", False, 20)},
+                                "VOCdevkit/VOC2012/annotations_detectron2/val", ".png", 255, False)},
     # labels 0..20 with 20 = background; the vocabulary has 59 names (20 VOC + 39 background).
     "voc20b": {"val": _Benchmark("VOCdevkit/VOC2012/JPEGImages",
-                                 "VOCdevkit/VOC2012/annotations_detectron2_bg/val",
-                                 ".png", 255, "voc20b", False, 59)},
+                                 "VOCdevkit/VOC2012/annotations_detectron2_bg/val", ".png", 255, False)},
 }
 
 VOC20B_BACKGROUND = 20  # the label of 'background' in voc20b; predictions >= 20 map to it
 _FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _FOLDER_LABEL_SUFFIXES = (".png", ".tif", ".tiff")
+_LAYOUT_HINT = "the layouts are in `python -m dcp_jax.data.datasets --help`"
+
+FOLDER_HELP = """\
+folder dataset layout (spec folder:PATH):
+  PATH/images[/<split>]/*.jpg|*.jpeg|*.png
+  PATH/annotations[/<split>]/*.png|*.tif    same file stems; pixel value = class index (8-bit or 16-bit)
+  PATH/classes.json                         JSON list of class names, index = label value
+  PATH/meta.json                            optional JSON object:
+      "ignore_label": 255                   label value that is not scored (default 255)
+      "name": "..."                         dataset name (default: the folder's name)
+      "unseen_classes": ["cat", ...]        names from classes.json held out for zero-shot tests: the
+                                            train split's vocabulary leaves them out (the others keep
+                                            their order) and their pixels are ignored; every other
+                                            split keeps the full vocabulary and lists them
+  Without images/<split>/ and annotations/<split>/ subfolders the flat folders serve every split.
+  `python -m dcp_jax.data.synthetic --out PATH --num-images 64 --seed 0` writes an example."""
 
 
 def resolve_root(data_root: str | None) -> Path:
@@ -91,52 +112,8 @@ def resolve_root(data_root: str | None) -> Path:
     return Path(data_root or os.environ.get("DETECTRON2_DATASETS") or "datasets").expanduser()
 
 
-@dataclasses.dataclass(eq=False)
-class SegDataset:
-    """A random-access segmentation source; `ds[i]` reads and decodes one image and its label.
-
-    Attributes:
-      name: short name (benchmark name, or the folder's last path component / meta.json "name").
-      class_names: the vocabulary given to the model (index = predicted class).
-      num_label_classes: classes scored in mIoU (21 for voc20b, else len(class_names)).
-      pred_to_label: int32 [len(class_names)], predicted vocabulary index -> scored label id.
-      ignore_label: the raw ignore value on disk (mapped to -1 when loading).
-    """
-
-    name: str
-    split: str
-    class_names: list[str]
-    num_label_classes: int
-    pred_to_label: np.ndarray
-    ignore_label: int
-    image_paths: list[str]
-    label_paths: list[str]
-
-    def __len__(self) -> int:
-        return len(self.label_paths)
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"{self.name}: index {index} out of range 0..{len(self) - 1}")
-        return decode_sample(self.image_paths[index], self.label_paths[index], Path(self.label_paths[index]).stem,
-                             self.ignore_label, self.num_label_classes)
-
-    def __repr__(self) -> str:
-        return (f"SegDataset(name={self.name!r}, split={self.split!r}, images={len(self)}, "
-                f"classes={len(self.class_names)}, ignore_label={self.ignore_label})")
-
-
-def decode_sample(image, label, name: str, ignore_label: int, num_label_classes: int,
-                  image_what: str | None = None, label_what: str | None = None) -> dict:
-    """Decode one (image, label) pair, each a path or the encoded file's bytes, into a dataset item."""
-    image_what, label_what = image_what or str(image), label_what or str(label)
-    image = read_image(image, image_what)
-    label = read_label(label, ignore_label, num_label_classes, label_what)
-    if image.shape[:2] != label.shape:
-        raise DatasetError(f"{label_what}: label size {label.shape[1]}x{label.shape[0]} differs from image "
-                           f"{image_what} size {image.shape[1]}x{image.shape[0]} (width x height)")
-    return {"image": image, "label": label, "name": name}
+# --------------------------------------------------------------------------------------------
+# decoding
 
 
 def _open(source):
@@ -154,7 +131,45 @@ def read_image(source, what: str | None = None) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # PIL raises OSError for unidentified or truncated files, SyntaxError/ValueError for some broken headers.
-        raise DatasetError(f"cannot read image {what or source}: {e} (corrupt or truncated file?)") from e
+        raise DatasetError(f"cannot read image {what or source}: {e}; the file is corrupt or truncated, "
+                           "copy or extract it again") from e
+
+
+def _read_raw_label(source, what: str, channel: int | None = None) -> np.ndarray:
+    try:
+        with _open(source) as im:
+            raw = np.array(im)  # 'L'/'P' -> uint8, 'I;16' -> uint16, 'I' -> int32
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read label {what}: {e}; the file is corrupt or truncated, "
+                           "copy or extract it again") from e
+    if raw.ndim == 3 and channel is not None:
+        raw = raw[..., channel]
+    if raw.ndim != 2:
+        raise DatasetError(f"{what}: a label map must have one channel, got shape {raw.shape}; "
+                           "convert colour-palette labels to class ids")
+    return raw
+
+
+def _map_label(raw: np.ndarray, ignore_label: int, num_label_classes: int, what: str,
+               wrapped_ignore: int | None = None, offset: int = 0) -> tuple[np.ndarray, int]:
+    """Raw label values (+ offset) -> int32 with ignore -1; returns (label, pixels that held wrapped_ignore)."""
+    label = raw.astype(np.int32) + offset
+    ignored = raw == ignore_label
+    wrapped = 0
+    if wrapped_ignore is not None:
+        is_wrapped = raw == wrapped_ignore
+        wrapped = int(np.count_nonzero(is_wrapped))
+        ignored |= is_wrapped
+    bad = ~ignored & ((label < 0) | (label >= num_label_classes))
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        raw_values = f" (raw {', '.join(str(v - offset) for v in values[:10])})" if offset else ""
+        raise DatasetError(f"{what}: label value(s) {shown}{raw_values} outside the vocabulary "
+                           f"0..{num_label_classes - 1} and not the ignore value {ignore_label}; fix the label or "
+                           "the class list")
+    label[ignored] = -1
+    return label, wrapped
 
 
 def read_label(source, ignore_label: int, num_label_classes: int, what: str | None = None) -> np.ndarray:
@@ -163,100 +178,174 @@ def read_label(source, ignore_label: int, num_label_classes: int, what: str | No
     A value outside [0, num_label_classes) that is not the ignore value raises DatasetError.
     """
     what = what or str(source)
-    try:
-        with _open(source) as im:
-            raw = np.array(im)  # 'L'/'P' -> uint8, 'I;16' -> uint16, 'I' -> int32
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read label {what}: {e} (corrupt or truncated file?)") from e
-    if raw.ndim != 2:
-        raise DatasetError(f"{what}: a label map must have one channel, got shape {raw.shape} "
-                           "(colour-palette labels must be converted to class ids)")
-    label = raw.astype(np.int32)
-    ignored = raw == ignore_label
-    bad = ~ignored & ((label < 0) | (label >= num_label_classes))
-    if bad.any():
-        values = np.unique(label[bad])
-        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-        raise DatasetError(f"{what}: label value(s) {shown} outside the vocabulary 0..{num_label_classes - 1} "
-                           f"and not the ignore value {ignore_label}")
-    label[ignored] = -1
-    return label
+    return _map_label(_read_raw_label(source, what), ignore_label, num_label_classes, what)[0]
 
 
-def open_dataset(spec: str, split: str = "val", data_root: str | None = None) -> SegDataset:
-    """Open a dataset by spec: a benchmark name (see `BENCHMARKS`), `folder:PATH` or `arrayrecord:PATH`.
+# --------------------------------------------------------------------------------------------
+# sources
 
-    `arrayrecord:PATH` opens a split packed by `pack_array_record` (an ArrayRecordSegDataset with
-    the same items and attributes).
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class SegSource:
+    """What every dataset type shares: the vocabulary, the label mapping and read-time notes.
+
+    Attributes:
+      name: short name (benchmark name, the folder's name or meta.json "name", the TFDS name).
+      split: the split this source reads.
+      class_names: the vocabulary given to the model (index = predicted class).
+      num_label_classes: classes scored in mIoU (21 for voc20b, else len(class_names)).
+      pred_to_label: int32 [len(class_names)], predicted vocabulary index -> scored label id.
+      ignore_label: the raw ignore value on disk (mapped to -1 when loading).
+      unseen_classes: names held out of training for zero-shot evaluation (empty for benchmarks).
+        The train split's vocabulary leaves them out; other splits keep and list them.
+    Subclasses implement `__len__` and `_raw(index) -> (image, label, name, image_what, label_what)`
+    with image/label as a path or encoded bytes.
+    """
+
+    name: str
+    split: str
+    class_names: list[str]
+    num_label_classes: int
+    pred_to_label: np.ndarray
+    ignore_label: int
+    unseen_classes: list[str] = dataclasses.field(default_factory=list)
+    raw_num_classes: int = 0  # label values on disk lie in 0..raw_num_classes-1 (0: num_label_classes)
+    label_lut: np.ndarray | None = None  # raw label -> this split's label, -1 = ignore (unseen classes)
+    label_channel: int | None = None  # take this channel of a multi-channel label image
+    label_offset: int = 0  # added to raw values that are not ignored (ADE-style 1..N with 0 = unlabeled: -1)
+    wrapped_ignore: int | None = None
+    wrapped_note: str = ""  # notes() line when wrapped_ignore was read; {pixels} {images} filled in
+
+    def __post_init__(self):
+        self.raw_num_classes = self.raw_num_classes or self.num_label_classes
+        self._init_counters()
+
+    def _init_counters(self):
+        self._lock = threading.Lock()  # grain may read from several threads
+        self._wrapped_pixels = self._wrapped_images = 0
+
+    def __getstate__(self):  # what grain worker processes receive: no lock, and counts start at 0 there
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_wrapped_pixels"] = state["_wrapped_images"] = 0
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range 0..{len(self) - 1}")
+        image_src, label_src, name, image_what, label_what = self._raw(index)
+        image = read_image(image_src, image_what)
+        raw = _read_raw_label(label_src, label_what, self.label_channel)
+        label, wrapped = _map_label(raw, self.ignore_label, self.raw_num_classes, label_what, self.wrapped_ignore,
+                                    self.label_offset)
+        if wrapped:
+            with self._lock:
+                self._wrapped_pixels += wrapped
+                self._wrapped_images += 1
+        if self.label_lut is not None:
+            label = np.where(label >= 0, self.label_lut[np.maximum(label, 0)], -1).astype(np.int32)
+        if image.shape[:2] != label.shape:
+            raise DatasetError(f"{label_what}: label size {label.shape[1]}x{label.shape[0]} differs from image "
+                               f"{image_what} size {image.shape[1]}x{image.shape[0]} (width x height); "
+                               "pair each image with its own label")
+        return {"image": image, "label": label, "name": name}
+
+    def notes(self) -> list[str]:
+        """One-line messages a run prints after reading: what this process read that needs a word."""
+        with self._lock:
+            pixels, images = self._wrapped_pixels, self._wrapped_images
+        if not pixels:
+            return []
+        return [self.wrapped_note.format(pixels=f"{pixels:,}", images=f"{images:,}")]
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class SegDataset(SegSource):
+    """Image and label files on disk (a benchmark or a folder dataset); `ds[i]` reads one pair."""
+
+    image_paths: list[str]
+    label_paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.label_paths)
+
+    def _raw(self, index: int):
+        label_path = self.label_paths[index]
+        return self.image_paths[index], label_path, Path(label_path).stem, self.image_paths[index], label_path
+
+    def __repr__(self) -> str:
+        return (f"SegDataset(name={self.name!r}, split={self.split!r}, images={len(self)}, "
+                f"classes={len(self.class_names)}, ignore_label={self.ignore_label})")
+
+
+# --------------------------------------------------------------------------------------------
+# opening a spec
+
+
+def open_dataset(spec: str, split: str = "val", data_root: str | None = None, *,
+                 full_vocabulary: bool = False) -> SegSource:
+    """Open a dataset by spec: a benchmark name (see `BENCHMARKS`), `folder:PATH` or `tfds:NAME[:SPLIT]`.
 
     Args:
-      spec: e.g. "coco_stuff_171", "ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "folder:/data/x".
-      split: "train" or "val" (benchmarks other than COCO have only "val").
-      data_root: root of the benchmarks; "" or None means $DETECTRON2_DATASETS, else ./datasets.
+      spec: e.g. "coco_stuff_171", "ade150", "ade847", "pc59", "pc459", "voc20", "voc20b",
+        "folder:/data/x", "tfds:my_data", "tfds:my_data:validation".
+      split: "train" or "val" (benchmarks other than COCO have only "val"); a split in a tfds spec wins.
+      data_root: the benchmarks' root ("" or None: $DETECTRON2_DATASETS, else ./datasets), or for
+        tfds specs the TFDS data_dir ("" or None: $TFDS_DATA_DIR, else ~/tensorflow_datasets).
         Not used for folder datasets (PATH is absolute or relative to the working directory).
+      full_vocabulary: keep unseen classes in the train split too (for packing a dataset as it is).
     """
     if spec.startswith("folder:"):
-        return _open_folder(Path(spec[len("folder:"):]).expanduser(), split)
-    if spec.startswith("arrayrecord:"):
-        return _open_array_record(Path(spec[len("arrayrecord:"):]).expanduser(), split)
+        return _open_folder(Path(spec[len("folder:"):]).expanduser(), split, full_vocabulary)
+    if spec.startswith("tfds:"):
+        from dcp_jax.data import tfds_data
+
+        return tfds_data.open_tfds(spec[len("tfds:"):], split, data_root or None, full_vocabulary=full_vocabulary)
     if spec not in BENCHMARKS:
-        raise DatasetError(f"unknown dataset {spec!r}; known: {', '.join(BENCHMARKS)}, "
-                           "or folder:PATH for a folder dataset (images/, annotations/, classes.json), "
-                           "or arrayrecord:PATH for a packed one")
+        raise DatasetError(f"unknown dataset {spec!r}; use one of {', '.join(BENCHMARKS)}, folder:PATH or "
+                           f"tfds:NAME[:SPLIT] ({_LAYOUT_HINT})")
     splits = BENCHMARKS[spec]
     if split not in splits:
-        raise DatasetError(f"dataset {spec!r} has no split {split!r}; available: {', '.join(splits)}")
+        raise DatasetError(f"dataset {spec!r} has no split {split!r}; use {' or '.join(splits)}")
     layout = splits[split]
     root = resolve_root(data_root)
     for d in (layout.annotations, layout.images):
         if not (root / d).is_dir():
-            raise DatasetError(f"dataset {spec!r} ({split}): directory not found: {root / d}\n"
-                               + _layout_help(spec, root))
-    class_names = _benchmark_classes(spec, layout, root)
+            raise DatasetError(f"dataset {spec!r} ({split}): directory not found: {root / d}; prepare it with "
+                               f"`python -m dcp_jax.data.prepare {spec} --raw DOWNLOADS --out {root}`, or point "
+                               "--data-root / $DETECTRON2_DATASETS at the root that holds it")
+    class_names = classnames.load(spec)
     labels = _list_files(root / layout.annotations, (layout.label_suffix,))
     images = _list_files(root / layout.images, (layout.image_suffix,))
     image_paths, label_paths = _pair(spec, images, labels, root / layout.images, root / layout.annotations,
                                      layout.images_exclusive)
-    num_label_classes = 21 if spec == "voc20b" else len(class_names)
+    num_label_classes = VOC20B_BACKGROUND + 1 if spec == "voc20b" else len(class_names)
     pred_to_label = np.arange(len(class_names), dtype=np.int32)
     if spec == "voc20b":
         pred_to_label = np.minimum(pred_to_label, VOC20B_BACKGROUND).astype(np.int32)
-    return SegDataset(spec, split, class_names, num_label_classes, pred_to_label, layout.ignore_label,
-                      image_paths, label_paths)
+    note = ""
+    if layout.wrapped_ignore is not None:
+        note = (f"{spec}: {{pixels}} label pixels in {{images}} images held {layout.wrapped_ignore}, CAT-Seg's "
+                "uint16 wrap of a LabelMap 0; they were read as ignore. "
+                f"`python -m dcp_jax.data.prepare {spec} --raw {root} --overwrite` writes them the dcp_jax way "
+                f"({layout.ignore_label}).")
+    return SegDataset(name=spec, split=split, class_names=class_names, num_label_classes=num_label_classes,
+                      pred_to_label=pred_to_label, ignore_label=layout.ignore_label,
+                      wrapped_ignore=layout.wrapped_ignore, wrapped_note=note,
+                      image_paths=image_paths, label_paths=label_paths)
 
 
-def _layout_help(spec: str, root: Path) -> str:
-    lines = [f"expected layout under the root {root} (set data_root or $DETECTRON2_DATASETS to change it):"]
-    for split, b in BENCHMARKS[spec].items():
-        lines.append(f"  [{split}] {b.images}/*{b.image_suffix}")
-        lines.append(f"  [{split}] {b.annotations}/*{b.label_suffix}")
-        if b.classes.endswith(".json"):
-            lines.append(f"  {b.classes}")
-    lines.append(f"prepare it with: python -m dcp_jax.data.prepare {spec} --raw DOWNLOAD_DIR --out {root}")
-    return "\n".join(lines)
-
-
-def _benchmark_classes(spec: str, layout: _Benchmark, root: Path) -> list[str]:
-    if not layout.classes.endswith(".json"):
-        from dcp_jax.data import classnames
-        return classnames.load(layout.classes)
-    path = root / layout.classes
-    if not path.is_file():
-        raise DatasetError(f"dataset {spec!r}: class names file not found: {path}\n"
-                           f"run `python -m dcp_jax.data.prepare {spec} --raw DOWNLOAD_DIR --out {root}` "
-                           f"(it writes this file), or supply it: a JSON list of {layout.num_classes} names, "
-                           "index = label value")
-    names = _read_class_list(path)
-    if len(names) != layout.num_classes:
-        raise DatasetError(f"{path}: expected {layout.num_classes} class names for {spec}, found {len(names)}")
-    return names
-
-
-def _read_class_list(path: Path) -> list[str]:
+def read_class_list(path: Path) -> list[str]:
+    """A classes.json: a non-empty JSON list of names (index = label value)."""
     try:
         names = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read class names {path}: {e}") from e
+        raise DatasetError(f"cannot read class names {path}: {e}; write a JSON list of names") from e
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise DatasetError(f"{path}: expected a non-empty JSON list of class-name strings (index = label value)")
     return names
@@ -268,10 +357,10 @@ def _list_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     with os.scandir(directory) as it:
         for entry in it:
             stem, suffix = os.path.splitext(entry.name)
-            if suffix.lower() in suffixes and entry.is_file():
+            if suffix.lower() in suffixes and entry.is_file() and not entry.name.startswith("."):
                 if stem in found:
                     raise DatasetError(f"{directory}: two files share the stem {stem!r}: "
-                                       f"{found[stem].name} and {entry.name}")
+                                       f"{found[stem].name} and {entry.name}; keep one")
                 found[stem] = Path(entry.path)
     return found
 
@@ -279,42 +368,81 @@ def _list_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
 def _pair(name: str, images: dict[str, Path], labels: dict[str, Path], image_dir: Path, label_dir: Path,
           images_exclusive: bool) -> tuple[list[str], list[str]]:
     if not labels:
-        raise DatasetError(f"dataset {name!r}: no annotation files in {label_dir}")
+        raise DatasetError(f"dataset {name!r}: no annotation files in {label_dir}; prepare or copy them there")
     missing = sorted(set(labels) - set(images))
     if missing:
         raise DatasetError(f"dataset {name!r}: {len(missing)} label(s) without an image in {image_dir}, "
-                           f"e.g. {labels[missing[0]]} (no image {missing[0]}.*)")
+                           f"e.g. {labels[missing[0]]} (no image {missing[0]}.*); copy or extract the images again")
     if images_exclusive:
         extra = sorted(set(images) - set(labels))
         if extra:
             raise DatasetError(f"dataset {name!r}: {len(extra)} image(s) without a label in {label_dir}, "
-                               f"e.g. {images[extra[0]]}")
+                               f"e.g. {images[extra[0]]}; add their labels or move the images away")
     stems = sorted(labels)
     return [str(images[s]) for s in stems], [str(labels[s]) for s in stems]
 
 
-def _open_folder(path: Path, split: str) -> SegDataset:
-    """A folder dataset: images/, annotations/, classes.json, optional meta.json (see module doc)."""
+def read_meta(path: Path) -> dict:
+    """A folder dataset's optional meta.json, validated ({} when absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read {path}: {e}; fix the JSON or remove the file") from e
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object such as {{\"ignore_label\": 255}}")
+    if not isinstance(meta.get("ignore_label", 255), int):
+        raise DatasetError(f"{path}: ignore_label must be an integer, got {meta['ignore_label']!r}")
+    unseen = meta.get("unseen_classes", [])
+    if not isinstance(unseen, list) or not all(isinstance(n, str) for n in unseen):
+        raise DatasetError(f"{path}: unseen_classes must be a JSON list of class names from classes.json")
+    return meta
+
+
+def split_vocabulary(class_names: list[str], unseen: list[str], where: str) -> tuple[list[str], np.ndarray]:
+    """(seen names in their order, LUT full index -> seen index or -1) for a train split."""
+    unknown = [n for n in unseen if n not in class_names]
+    if unknown:
+        raise DatasetError(f"{where}: unseen class {unknown[0]!r} is not in the class list; "
+                           "use names exactly as classes.json spells them")
+    held_out = set(unseen)
+    seen = [n for n in class_names if n not in held_out]
+    if not seen:
+        raise DatasetError(f"{where}: unseen_classes holds every class; the train split would have none")
+    lut = np.full(len(class_names), -1, np.int32)
+    lut[[i for i, n in enumerate(class_names) if n not in held_out]] = np.arange(len(seen), dtype=np.int32)
+    return seen, lut
+
+
+def vocabulary_for_split(class_names: list[str], unseen: list[str], split: str, where: str,
+                         full_vocabulary: bool) -> dict:
+    """SegSource keyword arguments of the vocabulary a split sees (train drops unseen classes)."""
+    if unseen and split.split("[")[0] == "train" and not full_vocabulary:
+        seen, lut = split_vocabulary(class_names, unseen, where)
+        return dict(class_names=seen, num_label_classes=len(seen), pred_to_label=np.arange(len(seen), dtype=np.int32),
+                    raw_num_classes=len(class_names), label_lut=lut, unseen_classes=list(unseen))
+    if unseen:
+        split_vocabulary(class_names, unseen, where)  # validates the names
+    return dict(class_names=class_names, num_label_classes=len(class_names),
+                pred_to_label=np.arange(len(class_names), dtype=np.int32), unseen_classes=list(unseen))
+
+
+def _open_folder(path: Path, split: str, full_vocabulary: bool = False) -> SegDataset:
+    """A folder dataset (see FOLDER_HELP)."""
     if not path.is_dir():
-        raise DatasetError(f"folder dataset not found: {path}\n{_FOLDER_HELP}")
+        raise DatasetError(f"folder dataset not found: {path}; {_LAYOUT_HINT}")
     for required in ("images", "annotations"):
         if not (path / required).is_dir():
-            raise DatasetError(f"folder dataset {path}: missing directory {path / required}\n{_FOLDER_HELP}")
+            raise DatasetError(f"folder dataset {path}: missing directory {path / required}; {_LAYOUT_HINT}")
     if not (path / "classes.json").is_file():
-        raise DatasetError(f"folder dataset {path}: missing {path / 'classes.json'}\n{_FOLDER_HELP}")
-    meta = {}
-    if (path / "meta.json").is_file():
-        try:
-            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot read {path / 'meta.json'}: {e}") from e
-        if not isinstance(meta, dict):
-            raise DatasetError(f"{path / 'meta.json'}: expected a JSON object such as {{\"ignore_label\": 255}}")
-    ignore_label = meta.get("ignore_label", 255)
-    if not isinstance(ignore_label, int):
-        raise DatasetError(f"{path / 'meta.json'}: ignore_label must be an integer, got {ignore_label!r}")
+        raise DatasetError(f"folder dataset {path}: missing {path / 'classes.json'} (a JSON list of class names, "
+                           f"index = label value); {_LAYOUT_HINT}")
+    meta = read_meta(path / "meta.json")
     name = str(meta.get("name") or path.resolve().name)
-    class_names = _read_class_list(path / "classes.json")
+    class_names = read_class_list(path / "classes.json")
+    vocab = vocabulary_for_split(class_names, meta.get("unseen_classes", []), split, str(path / "meta.json"),
+                                 full_vocabulary)
 
     image_dir, label_dir = path / "images", path / "annotations"
     split_dirs = sorted(p.name for p in label_dir.iterdir() if p.is_dir())
@@ -326,169 +454,90 @@ def _open_folder(path: Path, split: str) -> SegDataset:
     images = _list_files(image_dir, _FOLDER_IMAGE_SUFFIXES)
     labels = _list_files(label_dir, _FOLDER_LABEL_SUFFIXES)
     image_paths, label_paths = _pair(name, images, labels, image_dir, label_dir, images_exclusive=True)
-    return SegDataset(name, split, class_names, len(class_names),
-                      np.arange(len(class_names), dtype=np.int32), ignore_label, image_paths, label_paths)
-
-
-_FOLDER_HELP = """\
-expected folder dataset layout:
-  PATH/images[/<split>]/*.jpg|*.png
-  PATH/annotations[/<split>]/*.png|*.tif   (same file stems; pixel value = class index)
-  PATH/classes.json                        (JSON list of names, index = label value)
-  PATH/meta.json                           (optional: {"ignore_label": 255, "name": "..."})
-`python -m dcp_jax.data.synthetic --out PATH --num-images 64 --seed 0` writes an example."""
+    return SegDataset(name=name, split=split, ignore_label=meta.get("ignore_label", 255), **vocab,
+                      image_paths=image_paths, label_paths=label_paths)
 
 
 # --------------------------------------------------------------------------------------------
-# ArrayRecord packing (optional): a few large files instead of many small ones, for multi-host
-# training from network storage. Records hold the ORIGINAL encoded file bytes (no re-encoding).
+# command line: summarise, check every sample, or pack as a TFDS dataset
 
-_PACK_FORMAT = "dcp_jax.segmentation.array_record.v1"
+_EPILOG = f"""\
+specs:
+  {', '.join(BENCHMARKS)}
+      benchmarks in the layout CAT-Seg's datasets/prepare_*.py write (python -m dcp_jax.data.prepare
+      --help shows it), under --data-root, else $DETECTRON2_DATASETS, else ./datasets
+  folder:PATH  a folder dataset (below)
+  tfds:NAME[:SPLIT]  a TFDS dataset (NAME may be name[/config][:version]) under the TFDS data_dir
+      --data-root, else $TFDS_DATA_DIR, else ~/tensorflow_datasets; --pack writes one
 
+{FOLDER_HELP}
 
-def _encode_record(name: str, image_bytes: bytes, label_bytes: bytes) -> bytes:
-    header = json.dumps({"name": name, "image": len(image_bytes), "label": len(label_bytes)}).encode()
-    return len(header).to_bytes(4, "little") + header + image_bytes + label_bytes
-
-
-def _decode_record(record: bytes) -> tuple[str, bytes, bytes]:
-    size = int.from_bytes(record[:4], "little")
-    header = json.loads(record[4:4 + size])
-    start = 4 + size
-    image = record[start:start + header["image"]]
-    label = record[start + header["image"]:start + header["image"] + header["label"]]
-    return header["name"], image, label
-
-
-def pack_array_record(source: SegDataset, out_dir, *, num_shards: int = 0, progress: bool = True) -> Path:
-    """Pack a dataset split into ArrayRecord shards under out_dir/<split>/; returns that directory.
-
-    Reads it back with `open_dataset("arrayrecord:OUT_DIR", split)`. num_shards 0 = one per 5000 images.
-    Files are copied byte for byte, so corrupt files stay detectable (and skippable) at read time.
-    """
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from tqdm import tqdm
-
-    if not isinstance(source, SegDataset):
-        raise TypeError(f"pack_array_record needs a SegDataset from open_dataset, got {type(source).__name__}")
-    out = Path(out_dir) / source.split
-    if (out / "meta.json").exists():
-        raise FileExistsError(f"{out} already holds a packed dataset; remove it first")
-    out.mkdir(parents=True, exist_ok=True)
-    num_shards = num_shards or max(1, -(-len(source) // 5000))
-    files = [f"{source.split}-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
-    bounds = np.linspace(0, len(source), num_shards + 1).astype(int)
-    bar = tqdm(total=len(source), desc=f"packing {source.name}/{source.split}", disable=not progress)
-    for k, file in enumerate(files):
-        writer = ArrayRecordWriter(str(out / file), "group_size:1")  # group_size 1: fast random access
-        for i in range(bounds[k], bounds[k + 1]):
-            image, label = Path(source.image_paths[i]).read_bytes(), Path(source.label_paths[i]).read_bytes()
-            writer.write(_encode_record(Path(source.label_paths[i]).stem, image, label))
-            bar.update()
-        writer.close()
-    bar.close()
-    meta = {"format": _PACK_FORMAT, "name": source.name, "split": source.split, "class_names": source.class_names,
-            "num_label_classes": source.num_label_classes, "pred_to_label": source.pred_to_label.tolist(),
-            "ignore_label": source.ignore_label, "num_records": len(source), "files": files}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return out
+--pack DIR writes DIR/NAME/VERSION/ with TFDS's array_record files (tfds.data_source(NAME,
+data_dir=DIR) reads it, without TensorFlow): images as their encoded file bytes, labels as PNG
+segmentation masks (ignore 255, or 65535 above 255 classes), the vocabulary in metadata.json.
+Another TFDS dataset with an image and a segmentation-mask feature needs its class list: put a
+dcp_jax.json into DATA_DIR/NAME/, e.g. {{"class_names": ["wall", ...] or a built-in list name,
+"ignore_label": 0, "label_offset": -1, "label_key": "annotation", "label_channel": 0}}.
+"""
 
 
-@dataclasses.dataclass(eq=False)
-class ArrayRecordSegDataset:
-    """A packed split (see `pack_array_record`); same items and attributes as SegDataset."""
-
-    name: str
-    split: str
-    class_names: list[str]
-    num_label_classes: int
-    pred_to_label: np.ndarray
-    ignore_label: int
-    directory: str
-    files: list[str]
-    num_records: int
-
-    def __post_init__(self):
-        self._reader = None
-
-    def _records(self):
-        if self._reader is None:  # opened lazily, so the object pickles cheaply into grain workers
-            import grain
-
-            self._reader = grain.sources.ArrayRecordDataSource([str(Path(self.directory) / f) for f in self.files])
-            if len(self._reader) != self.num_records:
-                raise DatasetError(f"{self.directory}: {len(self._reader)} records, meta.json says {self.num_records}")
-        return self._reader
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_reader"] = None
-        return state
-
-    def __len__(self) -> int:
-        return self.num_records
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"{self.name}: index {index} out of range 0..{len(self) - 1}")
-        name, image, label = _decode_record(self._records()[index])
-        where = f"{self.directory} record {index} ({name})"
-        return decode_sample(image, label, name, self.ignore_label, self.num_label_classes,
-                             f"{where} image", f"{where} label")
-
-
-def _open_array_record(path: Path, split: str) -> ArrayRecordSegDataset:
-    meta_path = path / split / "meta.json"
-    if not meta_path.is_file():
-        found = sorted(p.parent.name for p in path.glob("*/meta.json"))
-        raise DatasetError(f"packed dataset not found: {meta_path} (splits found: {', '.join(found) or 'none'}); "
-                           "write one with `python -m dcp_jax.data.datasets SPEC --split SPLIT --pack OUT`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != _PACK_FORMAT:
-        raise DatasetError(f"{meta_path}: not a dcp_jax packed dataset (format {meta.get('format')!r})")
-    return ArrayRecordSegDataset(meta["name"], meta["split"], meta["class_names"], meta["num_label_classes"],
-                                 np.asarray(meta["pred_to_label"], np.int32), meta["ignore_label"],
-                                 str(path / split), meta["files"], meta["num_records"])
-
-
-# --------------------------------------------------------------------------------------------
-# command line: summarise, check every sample, or pack
-
-
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     import argparse
 
+    parser = argparse.ArgumentParser(
+        prog="python -m dcp_jax.data.datasets", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Open a dataset spec and print a summary; optionally read every sample (--check) "
+                    "or write it as a TFDS dataset (--pack DIR, read back as tfds:NAME --data-root DIR).")
+    parser.add_argument("spec", help="a benchmark name, folder:PATH or tfds:NAME[:SPLIT]")
+    parser.add_argument("--split", default="val", help="split(s), comma-separated (default val)")
+    parser.add_argument("--data-root", default="", help="benchmark root, or the TFDS data_dir for tfds: specs")
+    parser.add_argument("--check", action="store_true", help="decode every sample and list every bad one "
+                                                             "(exit status 1 when there is one)")
+    parser.add_argument("--pack", default="", metavar="DIR", help="write the split(s) as a TFDS dataset under DIR")
+    parser.add_argument("--name", default="", help="--pack: TFDS dataset name (default: from the dataset's name)")
+    parser.add_argument("--version", default="1.0.0", help="--pack: TFDS dataset version (default 1.0.0)")
+    parser.add_argument("--skip-bad", action="store_true", help="--pack: leave unreadable samples out (listed) "
+                                                                "instead of stopping at the first")
+    args = parser.parse_args(argv)
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    try:
+        status = 0
+        for split in splits:
+            status |= _summarise(args.spec, split, args.data_root or None, args.check)
+        if args.pack:
+            from dcp_jax.data import tfds_data
+
+            report = tfds_data.pack(args.spec, splits, args.pack, data_root=args.data_root or None,
+                                    name=args.name or None, version=args.version, skip_bad=args.skip_bad)
+            for line in report.lines():
+                print(line)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return status
+
+
+def _summarise(spec: str, split: str, data_root: str | None, check: bool) -> int:
     from tqdm import tqdm
 
-    parser = argparse.ArgumentParser(
-        prog="python -m dcp_jax.data.datasets",
-        description="Open a dataset spec and print a summary; optionally read every sample (--check) "
-                    "or pack the split into ArrayRecord shards (--pack OUT, read back as arrayrecord:OUT).")
-    parser.add_argument("spec", help=f"{', '.join(BENCHMARKS)}, folder:PATH or arrayrecord:PATH")
-    parser.add_argument("--split", default="val", help="split (default val)")
-    parser.add_argument("--data-root", default="", help="benchmark root (default $DETECTRON2_DATASETS or ./datasets)")
-    parser.add_argument("--check", action="store_true", help="decode every sample and list every bad one")
-    parser.add_argument("--pack", default="", metavar="OUT", help="write ArrayRecord shards to OUT/<split>/")
-    args = parser.parse_args(argv)
-    try:
-        ds = open_dataset(args.spec, args.split, args.data_root or None)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"{ds!r}: {len(ds)} samples, {len(ds.class_names)} class names, "
+    ds = open_dataset(spec, split, data_root)
+    unseen = f", {len(ds.unseen_classes)} unseen" if ds.unseen_classes else ""
+    print(f"{ds.name} [{ds.split}]: {len(ds)} samples, {len(ds.class_names)} class names{unseen}, "
           f"{ds.num_label_classes} scored classes, ignore {ds.ignore_label}")
-    if args.check:
-        bad = []
-        for i in tqdm(range(len(ds)), desc="checking"):
-            try:
-                ds[i]
-            except DatasetError as e:
-                bad.append(str(e))
-        print("\n".join(bad) if bad else "every sample reads cleanly")
-        print(f"{len(bad)} bad of {len(ds)}")
-    if args.pack:
-        print(f"packed into {pack_array_record(ds, args.pack)} (open as arrayrecord:{args.pack})")
+    if not check:
+        return 0
+    bad = []
+    for i in tqdm(range(len(ds)), desc=f"checking {split}"):
+        try:
+            ds[i]
+        except DatasetError as e:
+            bad.append(str(e))
+    print("\n".join(bad) if bad else "every sample reads cleanly")
+    print(f"{len(bad)} bad of {len(ds)}")
+    for note in ds.notes():
+        print(f"note: {note}")
+    return int(bool(bad))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,18 +3,21 @@
 `python -m dcp_jax.data.prepare <benchmark> --raw DIR --out DIR` reads the unpacked official downloads under
 --raw and writes, under --out, exactly what CAT-Seg's `datasets/prepare_*.py` write under
 `$DETECTRON2_DATASETS`, so a root prepared for CAT-Seg or SED works for dcp_jax and the other way round.
---out defaults to --raw (CAT-Seg converts in place). The label conversions follow CAT-Seg's scripts; the two
-deliberate differences are documented where they happen:
+--out defaults to --raw (CAT-Seg converts in place). The label conversions follow CAT-Seg's scripts, and
+ADE-847's images are resized with OpenCV as there (`cv2.resize`, INTER_LINEAR; labels INTER_NEAREST) and
+saved with PIL's JPEG defaults, so they are byte-identical to CAT-Seg's. The one deliberate difference:
 
 * PC-459: a 0 in a LabelMap becomes the ignore value 459 instead of wrapping to 65535 in uint16 (CAT-Seg's
-  `LabelMap - 1`), and is counted. The wrap is a likely cause of the PC-459 discrepancies (CAT-Seg#24, SED#32).
-* ADE-847: CAT-Seg resizes with OpenCV. OpenCV is not a dependency here, so `cv2.resize` is re-implemented in
-  numpy (same geometry and fixed-point weights; an image pixel can differ by 1 from SIMD builds of OpenCV, the
-  labels are identical).
+  `LabelMap - 1`), and is counted. (Reading a CAT-Seg-written root treats 65535 as ignore too.)
 
-Every output file is written to a temporary name and renamed, so an interrupted run never leaves a
-half-written file; existing outputs are skipped unless --overwrite. At the end the number of image/label pairs is
-checked against the official count (a warning, or an error with --strict).
+No vocabulary is written: all seven are built in (`dcp_jax.data.classnames`); where the raw data carries
+names (labels.txt, the ADE-847 categories) they are compared with the built-in list and differences noted.
+
+Before anything is written every listed sample's raw files are looked up: half-extracted downloads (labels
+without images, an empty folder) and converted outputs older than their raw input (without --overwrite)
+stop the run with the first files named. Every output file is written to a temporary name and renamed, so an
+interrupted run never leaves a half-written file; existing outputs are skipped unless --overwrite. At the end
+the number of image/label pairs is checked against the official count (a warning, or an error with --strict).
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from dcp_jax.data import classnames
 
 BENCHMARKS = ("coco_stuff_171", "ade150", "ade847", "pc59", "pc459", "voc20", "voc20b")
 
@@ -184,7 +190,7 @@ def rle_decode(rle: dict) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# cv2.resize re-implemented (ADE-847 only)
+# ADE-847 resize rule (prepare_ade20k_full.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -195,53 +201,6 @@ def ade847_target_size(height: int, width: int, max_size: int = ADE847_MAX_SIZE)
     if height >= width > max_size:
         return round(height / float(width) * max_size), max_size
     return None
-
-
-def cv2_resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """cv2.resize(..., INTER_NEAREST): source index floor(dst * src / dst), no half-pixel offset."""
-    rows = np.minimum(np.floor(np.arange(height) * (1.0 / (height / array.shape[0]))).astype(np.int64),
-                      array.shape[0] - 1)
-    cols = np.minimum(np.floor(np.arange(width) * (1.0 / (width / array.shape[1]))).astype(np.int64),
-                      array.shape[1] - 1)
-    return array[rows[:, None], cols[None, :]]
-
-
-def _cv2_linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    scale = 1.0 / (dst / src)
-    pos = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
-    left = np.floor(pos)
-    frac = (pos - left).astype(np.float32)  # OpenCV keeps these in float
-    left = left.astype(np.int64)
-    frac[left < 0] = 0
-    left[left < 0] = 0
-    edge = left >= src - 1
-    frac[edge] = 0
-    left[edge] = src - 1
-    # Weights are rounded to 11 bits like OpenCV's INTER_RESIZE_COEF_SCALE (saturate_cast rounds half to even).
-    w0 = np.rint((np.float32(1) - frac) * np.float32(2048)).astype(np.int64)
-    w1 = np.rint(frac * np.float32(2048)).astype(np.int64)
-    return left, np.minimum(left + 1, src - 1), w0, w1
-
-
-def cv2_resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """cv2.resize(uint8 image, INTER_LINEAR): half-pixel centres, no antialiasing, 11-bit fixed point.
-
-    Like OpenCV, an exact 2x downscale in both directions averages 2x2 blocks (cv2 switches to INTER_AREA).
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    src_h, src_w = image.shape[:2]
-    if src_h == 2 * height and src_w == 2 * width:
-        blocks = image.astype(np.int32).reshape(height, 2, width, 2, *image.shape[2:])
-        return ((blocks.sum(axis=(1, 3)) + 2) >> 2).astype(np.uint8)
-    x0, x1, a0, a1 = _cv2_linear_taps(src_w, width)
-    y0, y1, b0, b1 = _cv2_linear_taps(src_h, height)
-    extra = (None,) * (image.ndim - 2)
-    pixels = image.astype(np.int64)
-    horizontal = pixels[:, x0] * a0[(slice(None), *extra)] + pixels[:, x1] * a1[(slice(None), *extra)]
-    vertical = horizontal[y0] * b0[(slice(None), None, *extra)] + horizontal[y1] * b1[(slice(None), None, *extra)]
-    return np.clip((vertical + (1 << 21)) >> 22, 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,7 +276,8 @@ def _read_array(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image)
     except (OSError, SyntaxError) as err:
-        raise PrepareError(f"cannot read {path}: {err} (corrupt or truncated download?)") from err
+        raise PrepareError(f"cannot read {path}: {err}. The file is truncated or corrupt: download or "
+                           "extract it again") from err
 
 
 def _read_label_png(path: Path) -> np.ndarray:
@@ -328,13 +288,75 @@ def _read_label_png(path: Path) -> np.ndarray:
     return label
 
 
-def _require(path: Path, what: str, download: str, is_dir: bool = False) -> Path:
+def _require(path: Path, what: str, download: str, is_dir: bool = False, raw: Path | None = None) -> Path:
     ok = path.is_dir() if is_dir else path.is_file()
     if not ok:
         kind = "directory" if is_dir else "file"
-        raise PrepareError(f"missing {kind} {path}: {what}. It comes from {download}. "
+        hint = _raw_level_hint(raw, path) if raw is not None else ""
+        raise PrepareError(f"missing {kind} {path}: {what}. {hint or f'It comes from {download}. '}"
                            f"Run `python -m dcp_jax.data.prepare --help` for the expected layout.")
     return path
+
+
+def _raw_level_hint(raw: Path, path: Path) -> str:
+    """When --raw points inside the expected tree (or one level above it), say where it should point."""
+    try:
+        parts = path.relative_to(raw).parts
+    except ValueError:
+        return ""
+    top = parts[0]
+    for depth in range(len(parts), 0, -1):  # raw ends with parts[:depth], e.g. .../ADEChallengeData2016
+        if raw.parts[-depth:] == parts[:depth]:
+            holder = raw.parents[depth - 1]
+            return (f"--raw {raw} is {depth} level{'s' * (depth > 1)} too deep: point --raw at the folder that "
+                    f"holds {top}/ ({holder}). ")
+    if raw.is_dir():
+        for child in sorted(raw.iterdir()):
+            if child.is_dir() and (child / Path(*parts)).exists():
+                return f"--raw {raw} is one level too high: point --raw at the folder that holds {top}/ ({child}). "
+    return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sample:
+    """What the pre-check looks at for one listed sample."""
+
+    raws: tuple[Path, ...]  # raw files the outputs are converted from
+    image: Path | None  # the raw image placed unchanged (None: the image is converted, so it is in raws)
+    outputs: tuple[Path, ...]  # converted files
+
+
+def _precheck(benchmark: str, split: str, samples: Sequence[_Sample], overwrite: bool, download: str,
+              allowed_missing: int = 0) -> list[str]:
+    """Stop before writing anything when raw files are missing (a half-extracted download) or when
+    converted outputs are older than their raw input and would be kept (no --overwrite).
+
+    Returns notes; up to `allowed_missing` samples without raw files are tolerated and noted.
+    """
+    missing, stale = [], []
+    for sample in samples:
+        absent = [p for p in (*sample.raws, *([sample.image] if sample.image else [])) if not p.is_file()]
+        if absent:
+            missing.append(absent[0])
+            continue
+        if not overwrite and all(p.exists() for p in sample.outputs):
+            newest_raw = max(p.stat().st_mtime for p in sample.raws)
+            oldest = min(sample.outputs, key=lambda p: p.stat().st_mtime)
+            if newest_raw > oldest.stat().st_mtime:
+                stale.append((oldest, max(sample.raws, key=lambda p: p.stat().st_mtime)))
+    if len(missing) > allowed_missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        raise PrepareError(f"{benchmark} {split}: {len(missing)} of {len(samples)} listed samples lack a raw file, "
+                           f"first {shown}. The download looks half-extracted: extract {download} again "
+                           f"(`python -m dcp_jax.data.prepare --help` shows the layout). Nothing of {split} was "
+                           "written.")
+    if stale:
+        out, src = stale[0]
+        raise PrepareError(f"{benchmark} {split}: {len(stale)} converted files are older than their raw input, "
+                           f"first {out} (raw {src} is newer). Rerun with --overwrite to convert them again. "
+                           f"Nothing of {split} was written.")
+    return [f"{len(missing)} listed sample(s) have no raw file ({missing[0]}) and are skipped, as CAT-Seg does"
+            ] if missing else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,7 +432,8 @@ def _pc459_task(task: tuple, *, mode: str, overwrite: bool) -> Outcome:
     try:
         mat = loadmat(src)
     except Exception as err:  # scipy raises several types for bad files
-        raise PrepareError(f"cannot read {src}: {err} (corrupt or truncated trainval.tar.gz?)") from err
+        raise PrepareError(f"cannot read {src}: {err}. The file is truncated or corrupt: extract "
+                           f"trainval.tar.gz again") from err
     if "LabelMap" not in mat:
         raise PrepareError(f"{src} has no 'LabelMap' variable (keys: {sorted(k for k in mat if k[0] != '_')})")
     labels, n_ignored = convert_pc459(mat["LabelMap"])
@@ -425,20 +448,22 @@ def _ade847_task(task: tuple, *, lut: np.ndarray, overwrite: bool) -> Outcome:
         return {"skipped": 1}
     if not img_src.is_file() or not seg_src.is_file():
         return {"missing_raw": 1}
-    with Image.open(img_src) as pil_image:
-        if pil_image.mode not in ("RGB", "L"):
-            pil_image = pil_image.convert("RGB")
-        image = np.asarray(pil_image)
+    try:  # as CAT-Seg: np.asarray(Image.open(...)), no EXIF rotation (other modes than RGB/L: RGB)
+        with Image.open(img_src) as pil_image:
+            image = np.asarray(pil_image if pil_image.mode in ("RGB", "L") else pil_image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise PrepareError(f"cannot read {img_src}: {err}. The image is truncated or corrupt: extract it again "
+                           f"from {_ADE847_DL}") from err
     class_mask = ade_full_class_mask(_read_array(seg_src))
     if class_mask.shape != image.shape[:2]:
         raise PrepareError(f"{seg_src} is {class_mask.shape}, but {img_src} is {image.shape[:2]}")
     size = ade847_target_size(*image.shape[:2])
-    if size is not None:
-        image = cv2_resize_linear(image, *size)
-        class_mask = cv2_resize_nearest(class_mask, *size)
+    if size is not None:  # prepare_ade20k_full.py: cv2.resize, bilinear image, nearest int32 class mask
+        image = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
+        class_mask = cv2.resize(class_mask.astype(np.int32), size[::-1], interpolation=cv2.INTER_NEAREST)
     if need_ann:
         save_label(convert_ade847(class_mask, lut), ann_dst)
-    if need_img:  # CAT-Seg re-encodes every image with PIL's JPEG defaults (quality 75)
+    if need_img:  # CAT-Seg re-encodes every image: Image.fromarray(img).save(name.jpg), PIL's JPEG defaults
         _atomic_write(img_dst, lambda tmp: Image.fromarray(image).save(tmp, format="JPEG"))
     return _outcome(written=1, resized=int(size is not None))
 
@@ -585,27 +610,32 @@ _PC459_COUNT_NOTE = ("PC-459 val has 5105 ids in pascalcontext_val.txt; CAT-Seg#
 def _prepare_coco(opts: _Options, split: str) -> SplitReport:
     split_dir = {"train": "train2017", "val": "val2017"}[split]
     only_hint = " (to prepare only val2017, pass --split val)" if split == "train" else ""
+    images_dl = f"http://images.cocodataset.org/zips/{split_dir}.zip, unzipped into coco-stuff/images/"
     img_src = _require(opts.raw / "coco-stuff/images" / split_dir, f"the COCO {split_dir} images{only_hint}",
-                       f"http://images.cocodataset.org/zips/{split_dir}.zip, unzipped into coco-stuff/images/",
-                       is_dir=True)
+                       images_dl, is_dir=True, raw=opts.raw)
     ann_src = _require(opts.raw / "coco-stuff/annotations" / split_dir,
                        f"the COCO-Stuff {split_dir} label maps{only_hint}",
                        f"stuffthingmaps_trainval2017.zip ({_COCO_STUFF_DL}), unzipped into coco-stuff/annotations/",
-                       is_dir=True)
+                       is_dir=True, raw=opts.raw)
     ann_rel, img_rel = f"coco-stuff/annotations_detectron2/{split_dir}", f"coco-stuff/images/{split_dir}"
     tasks = [(src, [opts.out / ann_rel / src.name], img_src / f"{src.stem}.jpg", opts.out / img_rel / f"{src.stem}.jpg")
              for src in sorted(ann_src.glob("*.png"))]
     if not tasks:
         raise PrepareError(f"no .png label maps in {ann_src}: unzip stuffthingmaps_trainval2017.zip there")
+    _precheck("coco_stuff_171", split, _simple_samples(tasks), opts.overwrite, f"{split_dir}.zip ({images_dl})")
     fn = functools.partial(_simple_label_task, kind="coco", mode=opts.image_mode, overwrite=opts.overwrite)
     counts = _run_tasks(fn, tasks, opts, f"coco_stuff_171 {split_dir}")
     return _split_report("coco_stuff_171", split, counts, opts, ann_rel, ".png", img_rel,
                          OFFICIAL_COUNTS.get(("coco_stuff_171", split)))
 
 
+def _simple_samples(tasks: list) -> list[_Sample]:
+    return [_Sample((src,), img_src, tuple(dsts)) for src, dsts, img_src, _ in tasks]
+
+
 def _prepare_ade150(opts: _Options, split: str) -> SplitReport:
     split_dir = {"train": "training", "val": "validation"}[split]
-    root = _require(opts.raw / "ADEChallengeData2016", "the ADE20K-150 root", _ADE150_DL, is_dir=True)
+    root = _require(opts.raw / "ADEChallengeData2016", "the ADE20K-150 root", _ADE150_DL, is_dir=True, raw=opts.raw)
     img_src = _require(root / "images" / split_dir, f"the {split_dir} images", _ADE150_DL, is_dir=True)
     ann_src = _require(root / "annotations" / split_dir, f"the {split_dir} annotations", _ADE150_DL, is_dir=True)
     ann_rel = f"ADEChallengeData2016/annotations_detectron2/{split_dir}"
@@ -614,6 +644,7 @@ def _prepare_ade150(opts: _Options, split: str) -> SplitReport:
              for src in sorted(ann_src.glob("*.png"))]
     if not tasks:
         raise PrepareError(f"no .png annotations in {ann_src}: unzip {_ADE150_DL} under --raw")
+    _precheck("ade150", split, _simple_samples(tasks), opts.overwrite, _ADE150_DL)
     fn = functools.partial(_simple_label_task, kind="ade150", mode=opts.image_mode, overwrite=opts.overwrite)
     counts = _run_tasks(fn, tasks, opts, f"ade150 {split_dir}")
     return _split_report("ade150", split, counts, opts, ann_rel, ".png", img_rel,
@@ -629,7 +660,11 @@ def load_ade847_categories(path: str | os.PathLike) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".py":
         categories = None
-        for node in ast.walk(ast.parse(text, filename=str(path))):
+        try:
+            tree = ast.parse(text, filename=str(path))
+        except SyntaxError as err:
+            raise PrepareError(f"cannot parse {path}: {err}. Download prepare_ade20k_full.py again") from err
+        for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and any(
                     isinstance(t, ast.Name) and t.id == "ADE20K_SEM_SEG_FULL_CATEGORIES" for t in node.targets):
                 categories = ast.literal_eval(node.value)
@@ -663,36 +698,50 @@ def _resolve_ade_folder(raw: Path, folder: str) -> Path:
     return raw / path
 
 
-def _write_classes_json(path: Path, names: list[str], overwrite: bool) -> str:
-    """Write classes.json unless an identical one exists; never replace a different one without overwrite."""
-    if path.exists():
-        try:
-            same = json.loads(path.read_text(encoding="utf-8")) == names
-        except json.JSONDecodeError:
-            same = False
-        if same:
-            return f"{path} already up to date"
-        if not overwrite:
-            raise PrepareError(f"{path} exists with different contents; pass --overwrite to replace it")
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(names, indent=1, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8"))
-    return f"wrote {path} ({len(names)} classes)"
+def _compare_names(builtin: str, found: Sequence[str], source: str, normalize=lambda n: n) -> list[str]:
+    """A note when raw-data class names differ from the built-in list (which is what gets scored)."""
+    reference = classnames.load(builtin)
+    diffs = [(i, f, r) for i, (f, r) in enumerate(zip(found, reference)) if normalize(f) != normalize(r)]
+    if len(found) != len(reference):
+        return [f"{source} has {len(found)} class names, {builtin} has {len(reference)}; the built-in list is used"]
+    if not diffs:
+        return []
+    i, f, r = diffs[0]
+    return [f"{len(diffs)} class names in {source} differ from the built-in {builtin} list (CAT-Seg's), first "
+            f"index {i}: {f!r} vs {r!r}; labels are written by index, the built-in names are used for scoring"]
+
+
+def _load_pickle(path: Path, download: str):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)  # the official index is a pickle; load only the file from the download
+    except (EOFError, pickle.UnpicklingError, ValueError, AttributeError, ImportError, IndexError) as err:
+        raise PrepareError(f"cannot read {path}: {err!r}. The file is truncated or corrupt: extract it again "
+                           f"from {download}") from err
+
+
+def _load_json(path: Path, download: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PrepareError(f"cannot read {path}: {err}. The file is truncated or corrupt: download it again "
+                           f"({download})") from err
 
 
 def _prepare_ade847(opts: _Options, split: str, categories_path: str | None) -> SplitReport:
     split_dir = {"train": "training", "val": "validation"}[split]
-    root = _require(opts.raw / "ADE20K_2021_17_01", "the ADE20K full dataset root", _ADE847_DL, is_dir=True)
+    root = _require(opts.raw / "ADE20K_2021_17_01", "the ADE20K full dataset root", _ADE847_DL, is_dir=True,
+                    raw=opts.raw)
     index_path = _require(root / "index_ade20k.pkl", "the ADE20K index", _ADE847_DL)
     if categories_path is None:
         raise PrepareError(_ADE847_CATEGORIES_HELP)
     categories = load_ade847_categories(categories_path)
-    with open(index_path, "rb") as f:
-        index = pickle.load(f)  # the official index is a pickle; load only the file from the download
+    index = _load_pickle(index_path, _ADE847_DL)
     if not isinstance(index, dict) or not {"filename", "folder"} <= index.keys():
-        raise PrepareError(f"{index_path}: expected a dict with 'filename' and 'folder' lists")
-    notes = []
-    if len(categories) != 847:
-        notes.append(f"the categories file has {len(categories)} classes, ADE-847 has 847")
+        raise PrepareError(f"{index_path}: expected a dict with 'filename' and 'folder' lists; extract it again "
+                           f"from {_ADE847_DL}")
+    notes = _compare_names("ade847", [c["name"] for c in categories], f"--categories {categories_path}")
     names = list(index.get("objectnames", []))
     if names:  # objectnames[i] names class-mask value i + 1; a mismatch hints at another ADE20K release
         mismatched = [c for c in categories if not (0 < int(c["id"]) <= len(names) and
@@ -711,24 +760,21 @@ def _prepare_ade847(opts: _Options, split: str, categories_path: str | None) -> 
         tasks.append((src, src.with_name(file_name.replace(".jpg", "_seg.png")), opts.out / img_rel / file_name,
                       opts.out / ann_rel / file_name.replace(".jpg", ".tif")))
     if not tasks:
-        raise PrepareError(f"{index_path} lists no {split_dir} images")
-    classes_note = _write_classes_json(opts.out / "ADE20K_2021_17_01/classes.json",
-                                       [c["name"] for c in categories], opts.overwrite)
+        raise PrepareError(f"{index_path} lists no {split_dir} images; extract it again from {_ADE847_DL}")
+    _precheck("ade847", split, [_Sample((img, seg), None, (img_dst, ann_dst)) for img, seg, img_dst, ann_dst in tasks],
+              opts.overwrite, _ADE847_DL)
     fn = functools.partial(_ade847_task, lut=ade847_lut(categories), overwrite=opts.overwrite)
     counts = _run_tasks(fn, tasks, opts, f"ade847 {split_dir}")
-    if counts.get("missing_raw") == len(tasks):
-        raise PrepareError(f"none of the {len(tasks)} {split_dir} images in {index_path} exist; e.g. {tasks[0][0]} "
-                           f"(unzip {_ADE847_DL} under --raw)")
     report = _split_report("ade847", split, counts, opts, ann_rel, ".tif", img_rel,
                            OFFICIAL_COUNTS.get(("ade847", split)), notes)
-    report.notes.append(classes_note)
     if counts.get("resized"):
         report.notes.append(f"{counts['resized']} images had a short side above {ADE847_MAX_SIZE} and were resized")
     return report
 
 
 def _voc2010_root(opts: _Options) -> Path:
-    root = _require(opts.raw / "VOCdevkit/VOC2010", "the PASCAL VOC 2010 root", _VOC2010_DL, is_dir=True)
+    root = _require(opts.raw / "VOCdevkit/VOC2010", "the PASCAL VOC 2010 root", _VOC2010_DL, is_dir=True,
+                    raw=opts.raw)
     _require(root / "JPEGImages", "the VOC 2010 images", _VOC2010_DL, is_dir=True)
     return root
 
@@ -736,11 +782,11 @@ def _voc2010_root(opts: _Options) -> Path:
 def _prepare_pc59(opts: _Options, split: str) -> SplitReport:
     root = _voc2010_root(opts)
     json_path = _require(root / "trainval_merged.json", "the Pascal-Context annotations", _PC59_DL)
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = _load_json(json_path, _PC59_DL)
     segments_key = next((k for k in ("annos_segmentation", "annotations") if k in data), None)
-    if "images" not in data or segments_key is None:
-        raise PrepareError(f"{json_path}: expected 'images' and 'annos_segmentation' (or 'annotations') lists")
+    if not isinstance(data, dict) or "images" not in data or segments_key is None:
+        raise PrepareError(f"{json_path}: expected 'images' and 'annos_segmentation' (or 'annotations') lists; "
+                           f"download it again ({_PC59_DL})")
     by_image: dict[int, list] = {}
     for ann in data[segments_key]:
         by_image.setdefault(ann["image_id"], []).append((ann["category_id"], ann["segmentation"]))
@@ -758,6 +804,8 @@ def _prepare_pc59(opts: _Options, split: str) -> SplitReport:
                       root / "JPEGImages" / f"{stem}.jpg", opts.out / img_rel / f"{stem}.jpg"))
     if not tasks:
         raise PrepareError(f"{json_path} has no images with phase == {split!r}")
+    _precheck("pc59", split, [_Sample((json_path,), img, (dst,)) for _, _, dst, img, _ in tasks], opts.overwrite,
+              _VOC2010_DL)
     fn = functools.partial(_pc59_task, mode=opts.image_mode, overwrite=opts.overwrite)
     counts = _run_tasks(fn, tasks, opts, f"pc59 {split}")
     return _split_report("pc59", split, counts, opts, ann_rel, ".png", img_rel, OFFICIAL_COUNTS.get(("pc59", split)))
@@ -782,16 +830,18 @@ def read_pc459_labels(path: Path) -> list[str]:
 def _prepare_pc459(opts: _Options, split: str) -> SplitReport:
     root = _voc2010_root(opts)
     mat_dir = _require(root / "trainval", "the Pascal-Context .mat label maps", _PC459_DL, is_dir=True)
-    names = read_pc459_labels(_require(root / "labels.txt", "the 459 Pascal-Context class names", _PC459_DL))
     val_list = _require(root / "pascalcontext_val.txt", "the PC-459 validation id list", _PC459_LIST_DL)
     ids = [line.strip() for line in val_list.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     notes = [_PC459_COUNT_NOTE]
-    if len(names) != PC459_NUM_CLASSES:
-        notes.append(f"{root / 'labels.txt'} has {len(names)} classes, PC-459 has {PC459_NUM_CLASSES}")
-    notes.append(_write_classes_json(opts.out / "VOCdevkit/VOC2010/classes_pc459.json", names, opts.overwrite))
+    if (root / "labels.txt").is_file():  # optional: only compared (CAT-Seg spells the names without spaces)
+        notes += _compare_names("pc459", read_pc459_labels(root / "labels.txt"), str(root / "labels.txt"),
+                                normalize=lambda n: n.replace(" ", "").lower())
     ann_rel, img_rel = "VOCdevkit/VOC2010/annotations_detectron2/pc459_val", "VOCdevkit/VOC2010/JPEGImages"
     tasks = [(mat_dir / f"{i}.mat", opts.out / ann_rel / f"{i}.tif", root / "JPEGImages" / f"{i}.jpg",
               opts.out / img_rel / f"{i}.jpg") for i in ids]
+    # One id without a .mat is tolerated (CAT-Seg skips it; CAT-Seg#24's log counts 5104 of 5105).
+    notes += _precheck("pc459", split, [_Sample((mat,), img, (dst,)) for mat, dst, img, _ in tasks],
+                       opts.overwrite, f"trainval.tar.gz ({_PC459_DL})", allowed_missing=1)
     fn = functools.partial(_pc459_task, mode=opts.image_mode, overwrite=opts.overwrite)
     counts = _run_tasks(fn, tasks, opts, "pc459 val")
     if counts.get("pc459_zero_pixels"):
@@ -803,7 +853,8 @@ def _prepare_pc459(opts: _Options, split: str) -> SplitReport:
 
 
 def _prepare_voc(opts: _Options, split: str) -> list[SplitReport]:
-    root = _require(opts.raw / "VOCdevkit/VOC2012", "the PASCAL VOC 2012 root", _VOC2012_DL, is_dir=True)
+    root = _require(opts.raw / "VOCdevkit/VOC2012", "the PASCAL VOC 2012 root", _VOC2012_DL, is_dir=True,
+                    raw=opts.raw)
     img_src = _require(root / "JPEGImages", "the VOC 2012 images", _VOC2012_DL, is_dir=True)
     aug = _require(root / "SegmentationClassAug", "the VOC label PNGs", _VOC_AUG_DL, is_dir=True)
     id_list = _require(root / "ImageSets/Segmentation" / f"{split}.txt", f"the VOC {split} id list", _VOC2012_DL)
@@ -813,6 +864,7 @@ def _prepare_voc(opts: _Options, split: str) -> list[SplitReport]:
     img_rel = "VOCdevkit/VOC2012/JPEGImages"
     tasks = [(aug / f"{i}.png", [opts.out / ann_rel / f"{i}.png", opts.out / bg_rel / f"{i}.png"],
               img_src / f"{i}.jpg", opts.out / img_rel / f"{i}.jpg") for i in ids]
+    _precheck("voc20/voc20b", split, _simple_samples(tasks), opts.overwrite, f"{_VOC2012_DL} and {_VOC_AUG_DL}")
     fn = functools.partial(_simple_label_task, kind="voc", mode=opts.image_mode, overwrite=opts.overwrite)
     counts = _run_tasks(fn, tasks, opts, f"voc {split}")
     expected = OFFICIAL_COUNTS.get(("voc", split))
@@ -939,11 +991,12 @@ ade150           (writes ADEChallengeData2016/annotations_detectron2/validation/
   unzip ADEChallengeData2016.zip -d RAW/    -> RAW/ADEChallengeData2016/{images,annotations}/validation/
   from http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip
 
-ade847           (writes ADE20K_2021_17_01/{images_detectron2,annotations_detectron2}/validation/, classes.json)
+ade847           (writes ADE20K_2021_17_01/{images_detectron2,annotations_detectron2}/validation/)
   unzip ADE20K_2021_17_01.zip -d RAW/       -> RAW/ADE20K_2021_17_01/index_ade20k.pkl and images/ADE/validation/...
   from https://ade20k.csail.mit.edu/ (registration required). Also needs --categories: CAT-Seg's
   datasets/prepare_ade20k_full.py (parsed, not run) or a JSON list of {"name", "id", "trainId"}.
-  Images with a short side above 512 are resized to 512 (bilinear; labels nearest), as in CAT-Seg.
+  Images with a short side above 512 are resized to 512 with OpenCV (cv2.resize INTER_LINEAR; labels
+  INTER_NEAREST) and every image is saved with PIL's JPEG defaults, as CAT-Seg's script does.
 
 pc59             (writes VOCdevkit/VOC2010/annotations_detectron2/pc59_val/*.png, 59 classes, background 255)
   tar -xf VOCtrainval_03-May-2010.tar -C RAW/ -> RAW/VOCdevkit/VOC2010/JPEGImages/
@@ -951,10 +1004,11 @@ pc59             (writes VOCdevkit/VOC2010/annotations_detectron2/pc59_val/*.png
   from http://host.robots.ox.ac.uk/pascal/VOC/voc2010/ and
   https://codalabuser.blob.core.windows.net/public/trainval_merged.json
 
-pc459            (writes VOCdevkit/VOC2010/annotations_detectron2/pc459_val/*.tif, classes_pc459.json; ignore 459)
+pc459            (writes VOCdevkit/VOC2010/annotations_detectron2/pc459_val/*.tif; ignore 459)
   VOC 2010 as for pc59, then
   tar -xzf trainval.tar.gz -C RAW/VOCdevkit/VOC2010/ -> RAW/VOCdevkit/VOC2010/trainval/*.mat
-  put labels.txt ("1: accordion" ...) and pascalcontext_val.txt into RAW/VOCdevkit/VOC2010/
+  put pascalcontext_val.txt (and, optionally, labels.txt: its names are compared with the built-in list)
+  into RAW/VOCdevkit/VOC2010/
   from https://www.cs.stanford.edu/~roozbeh/pascal-context/ ; pascalcontext_val.txt is in CAT-Seg's datasets/
   folder (https://github.com/cvlab-kaist/CAT-Seg/tree/main/datasets). A 0 in a LabelMap becomes 459 (ignored),
   where CAT-Seg's uint16 "LabelMap - 1" wraps it to 65535.
@@ -965,8 +1019,11 @@ voc20, voc20b    (both write VOCdevkit/VOC2012/annotations_detectron2/val/*.png 
   unzip SegmentationClassAug.zip -d RAW/VOCdevkit/VOC2012/ -> RAW/VOCdevkit/VOC2012/SegmentationClassAug/*.png
   from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ ; SegmentationClassAug is linked in CAT-Seg's datasets/README.md
 
-Images that are not converted (COCO, ADE-150, VOC) are hard-linked into --out when it differs from --raw
-(--images). Outputs that exist are skipped unless --overwrite. Official image counts checked at the end:
+Images that are not converted (COCO, ADE-150, PC, VOC) are hard-linked into --out when it differs from --raw
+(--images). Outputs that exist are skipped unless --overwrite. No class-name file is written: the seven
+vocabularies are built in (CAT-Seg's lists). Before writing, every listed sample's raw files are looked up:
+missing ones (a half-extracted download) or converted outputs older than their raw input (rerun with
+--overwrite) stop the run, naming the first files. Official image counts checked at the end:
 COCO val2017 5000 / train2017 118287, ADE-150 2000, ADE-847 2000, PC-59 5105, PC-459 5105 (or 5104), VOC 1449.
 """
 
@@ -977,7 +1034,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert official benchmark downloads into the dataset layout of CAT-Seg's prepare scripts.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=BENCHMARKS)
-    parser.add_argument("--raw", required=True, help="directory holding the unpacked official downloads")
+    parser.add_argument("--raw", required=True, help="directory holding the unpacked official downloads: the folder "
+                                                     "that holds ADEChallengeData2016/, VOCdevkit/, coco-stuff/, ...")
     parser.add_argument("--out", default=None, help="dataset root to write (default: --raw, i.e. in place)")
     parser.add_argument("--split", action="append", default=None,
                         help="train and/or val (repeat or comma-separate); default: val "
@@ -1004,7 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(args.benchmark, args.raw, args.out, splits=args.split, overwrite=args.overwrite,
                 workers=args.workers, image_mode=args.image_mode, categories=args.categories,
                 count_check=args.count_check, strict=args.strict, progress=args.progress)
-    except PrepareError as err:
+    except (PrepareError, OSError) as err:  # OSError: e.g. an unwritable --out
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

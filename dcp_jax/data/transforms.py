@@ -1,4 +1,5 @@
-"""Image/label transforms in numpy + PIL (no cv2, no TensorFlow), following detectron2 / CAT-Seg.
+"""Image/label transforms following detectron2 / CAT-Seg, with the library each of them uses there:
+PIL for the resizes (detectron2's ResizeTransform), OpenCV for the HSV steps of the colour jitter.
 
 Training (CAT-Seg's MaskFormerSemanticDatasetMapper, MODEL.md section 6), in order:
 ResizeShortestEdge(crop, max 1333) -> random crop (crop x crop, smaller if the image is) ->
@@ -11,6 +12,7 @@ passed in (grain's random_map rng), so a sample is reproducible from (seed, posi
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -80,46 +82,15 @@ def pad_to(image: np.ndarray, label: np.ndarray, size: int, image_value: int = I
 
 
 # --------------------------------------------------------------------------------------------
-# colour: detectron2's ColorAugSSDTransform (projects/DeepLab / Mask2Former), in numpy.
-# It works on uint8 with truncating casts after every step and on OpenCV's 8-bit HSV
-# (H in 0..179, S and V in 0..255); the helpers below reproduce that arithmetic.
+# colour: detectron2's ColorAugSSDTransform (CAT-Seg's training mapper). It works on uint8 with
+# truncating casts after every step, and on OpenCV's 8-bit HSV (H in 0..179, S and V in 0..255)
+# through cv2.cvtColor, which is used here too. detectron2 flips CAT-Seg's RGB input to BGR and
+# converts with COLOR_BGR2HSV; COLOR_RGB2HSV on the RGB image is the same arithmetic.
 
 
 def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
     """x * alpha + beta, clipped to 0..255 and truncated to uint8 (ColorAugSSDTransform.convert)."""
     return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
-
-def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> uint8 HSV with OpenCV's 8-bit convention (H = degrees / 2, rounded)."""
-    r, g, b = (image[..., c].astype(np.float32) for c in range(3))
-    v = np.maximum(np.maximum(r, g), b)
-    diff = v - np.minimum(np.minimum(r, g), b)
-    s = np.floor(diff * 255.0 / np.maximum(v, 1.0) + 0.5)
-    inv_diff = 30.0 / np.maximum(diff, 1.0)  # 60 degrees per sector = 30 OpenCV hue units
-    h = np.where(v == r, (g - b) * inv_diff,
-                 np.where(v == g, 60.0 + (b - r) * inv_diff, 120.0 + (r - g) * inv_diff))
-    h = np.floor(h + 0.5)
-    h[h < 0] += 180.0
-    h[diff == 0] = 0.0
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """uint8 OpenCV-convention HSV -> uint8 RGB (rounded).
-
-    Closed form of the sector table: channel_n = V - V*S*clip(min(k, 4 - k), 0, 1) with
-    k = (n + H/60deg) mod 6 and n = 5, 3, 1 for R, G, B.
-    """
-    h = hsv[..., 0].astype(np.float32) / 30.0  # sectors of 60 degrees
-    vs = hsv[..., 2].astype(np.float32) * (hsv[..., 1].astype(np.float32) / 255.0)
-    v = hsv[..., 2].astype(np.float32)
-    out = np.empty(hsv.shape, np.uint8)
-    for c, n in enumerate((5.0, 3.0, 1.0)):
-        k = np.mod(n + h, 6.0)
-        channel = v - vs * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-        out[..., c] = np.clip(np.floor(channel + 0.5), 0, 255)
-    return out
 
 
 def adjust_brightness(image: np.ndarray, delta: float) -> np.ndarray:
@@ -131,15 +102,15 @@ def adjust_contrast(image: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def adjust_saturation(image: np.ndarray, alpha: float) -> np.ndarray:
-    hsv = rgb_to_hsv(image)
+    hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
     hsv[..., 1] = _convert(hsv[..., 1], alpha=alpha)
-    return hsv_to_rgb(hsv)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 def adjust_hue(image: np.ndarray, delta: int) -> np.ndarray:
-    hsv = rgb_to_hsv(image)
+    hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
     hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(delta)) % 180
-    return hsv_to_rgb(hsv)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 def color_aug_ssd(image: np.ndarray, rng: np.random.Generator, *, brightness_delta: float = 32,
