@@ -1,25 +1,135 @@
-"""DCP-CLIP, OpenAI CLIP ViT-B/16 at 384x384, trained on COCO-Stuff-171 (the paper's main B/16 model).
+r"""DCP-CLIP, OpenAI CLIP ViT-B/16 at 384x384, trained on COCO-Stuff-171: the paper's recipe.
 
-Launch (HF checkpoint dir of openai/clip-vit-base-patch16, or OpenAI's ViT-B-16.pt):
+Launch (one host, 4 GPUs = the paper's setup; an HF checkpoint dir of openai/clip-vit-base-patch16
+or OpenAI's ViT-B-16.pt):
 
     python -m dcp_jax.train --config configs/dcp_vitb16_coco_stuff.py --workdir W \
         --config.clip.checkpoint=/path/to/clip-vit-base-patch16
 
-Paper hyper-parameters (MODEL.md section 6): AdamW lr 2e-4 (CLIP x0.01), weight decay 1e-4, cosine,
-no warmup, full-model gradient clip 0.01, global batch 4, 80k steps, 384 crops; P = 80 ImageNet
-templates; CLIP q/v fine-tuning; guidance layers 3 and 7; DCS theta 0.5; TV k = 3.
-Parameter counts: `python -m dcp_jax.models.summary --config configs/dcp_vitb16_coco_stuff.py`.
+Smoke test of the same recipe (10 steps, 2 evaluation images):
+
+    python -m dcp_jax.train --config configs/dcp_vitb16_coco_stuff.py:runlocal --workdir /tmp/b16 \
+        --config.clip.checkpoint=/path/to/clip-vit-base-patch16
+
+Every other config starts from this one and says what it changes. The keys follow
+shared/design/MODEL.md (section numbers below); the paper's ablations (Tables III-VII) are the
+switches under `model`. Parameter counts:
+`python -m dcp_jax.models.summary --config configs/dcp_vitb16_coco_stuff.py`.
 """
 
-from dcp_jax.config import base_config, parse_arg
+import ml_collections
+
+from dcp_jax.config import parse_arg
 
 
 def get_config(arg=None):
-    parse_arg(arg)  # no config args: override keys with --config.KEY=VALUE
-    c = base_config()
-    c.clip.variant = "B/16"  # architecture for summaries when no checkpoint is at hand
-    c.clip.image_size = 384  # position embedding resized 14x14 -> 24x24 at load
-    c.clip.guidance_layers = (3, 7)
-    c.text.templates = "imagenet80"
-    c.model.decoder.shallow_qk_dim = 32  # shallow CLIP feature channels in the decoder's Q/K
+    arg = parse_arg(arg, runlocal=False)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 80_000
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 5_000
+    c.eval_every_steps = 5_000  # evaluates eval.during_training; 0 = only the final table
+    c.keep_checkpoints = 3
+
+    # --- CLIP backbone (MODEL.md section 0) ---
+    c.clip = ml_collections.ConfigDict()
+    c.clip.checkpoint = ""  # HF checkpoint dir or OpenAI .pt on local disk
+    c.clip.variant = "B/16"  # architecture for summaries and benchmarks when no checkpoint is at hand
+    c.clip.image_size = 384  # CLIP input; the position embedding is resized 14x14 -> 24x24 at load
+    c.clip.guidance_layers = (3, 7)  # 0-based blocks whose patch tokens guide the decoder
+    c.clip.dense_mode = "catseg"  # "catseg" (last-block value path) | "plain"
+    c.clip.finetune = "qv"  # image tower: "qv" (CAT-Seg) | "full" | "none"; see dcp_jax/optim.py
+    c.clip.text_finetune = False  # also train the text tower's q/v (MODEL.md section 1)
+    c.clip.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params stay float32
+    c.clip.tiny = ml_collections.ConfigDict()  # architecture of a random CLIP when checkpoint == "" (tiny.py)
+
+    # --- text side (MODEL.md section 1) ---
+    c.text = ml_collections.ConfigDict()
+    c.text.templates = "imagenet80"  # "imagenet80" (P = 80, the paper) | "single" (P = 1, CAT-Seg)
+    c.text.batch_size = 256  # prompts per text-encoder call when embedding a vocabulary
+    c.text.finetune_rows = 64  # text_finetune / prompt=context: classes re-encoded per step (>= the batch's slots)
+
+    # --- the DCP head (MODEL.md sections 2-5) ---
+    c.model = ml_collections.ConfigDict()
+    c.model.hidden_dim = 128  # d
+    c.model.num_heads = 4
+    c.model.dcs = ml_collections.ConfigDict(dict(
+        theta=0.5,  # image-level threshold; 0 selects every class ("no DCS", Table VII)
+        num_slots=32,  # K in training; 0 = one slot per class
+        include_gt=True,  # training: the classes in the crop's label are always selected
+    ))
+    c.model.guidance = ml_collections.ConfigDict(dict(
+        prompt="tokens",  # Table V: "tokens" | "context" | "none" (MODEL.md section 3)
+        prompt_tokens=4,  # M learnable tokens (or context vectors)
+        cls_logit=True,  # the image-level cosine c_k in each slot's guidance
+    ))
+    c.model.tga = ml_collections.ConfigDict(dict(cross_attention=True, self_attention=True))  # Table IV
+    c.model.decoder = ml_collections.ConfigDict(dict(
+        layers=2,  # Table VI-b: 0, 1 or 2
+        spatial_enhance=True,  # Table VI-a
+        fuse_shallow=True,  # Table VI-c: shallow CLIP features in Q/K and the upsampling path
+        fuse_attn=True,  # Table VI-c: attention-weight features in Q/K
+        fuse_cost=True,  # the initial cost map in the upsampling path
+        window=12,
+        dims=(64, 32),
+        attn_dim=32,
+        shallow_qk_dim=32,  # shallow CLIP feature channels in the Swin blocks' Q/K
+        shallow_dims=(256, 128),
+        shallow_proj_dims=(32, 16),
+        cost_dims=(32, 16),
+    ))
+    c.model.tv = ml_collections.ConfigDict(dict(enabled=True, k=3))  # tag validation, inference only
+
+    # --- training (MODEL.md section 6) ---
+    c.train = ml_collections.ConfigDict()
+    c.train.dataset = "coco_stuff_171"  # a dataset spec (see the README's data table)
+    c.train.data_root = ""  # "" = $DETECTRON2_DATASETS, else ./datasets
+    c.train.batch_size = 4  # global batch, split over every device of every host
+    c.train.crop_size = 384
+    c.train.num_workers = 4  # grain worker processes per host (0 = in-process)
+    c.train.skip_bad_samples = False  # skip (and count) unreadable samples instead of failing
+    c.train.ignore_as_negative = True  # ignore pixels are negatives for every slot (CAT-Seg)
+    c.train.synthetic_images = 0  # > 0: write a synthetic folder dataset at train.dataset if missing
+    c.train.synthetic_size = 128
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-4
+    c.optim.clip_lr_mult = 0.01  # CLIP parameters train at lr x this (CAT-Seg's CLIP_MULTIPLIER)
+    c.optim.weight_decay = 1e-4  # none on norm layers (detectron2's WEIGHT_DECAY_NORM = 0)
+    c.optim.schedule = "cosine"  # "cosine" | "constant"
+    c.optim.warmup_steps = 0
+    c.optim.grad_clip_norm = 0.01  # full-model gradient clipping (L2)
+    # Parameter groups: ((regex, {"lr_mult", "weight_decay"}) or (regex, None) = frozen, ...), the first
+    # match wins. () = the preset named by clip.finetune / clip.text_finetune (dcp_jax/optim.py).
+    c.optim.rules = ()
+
+    # --- devices (MODEL.md section 6) ---
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1  # devices sharing one copy of the params (FSDP); 1 = data parallel
+    c.mesh.shard_rules = ((".*", "fsdp"),)  # (regex, "fsdp" | "replicate"), first match wins
+    c.mesh.min_shard_size = 2**14  # smaller leaves stay replicated
+
+    # --- evaluation (MODEL.md section 7) ---
+    c.eval = ml_collections.ConfigDict()
+    c.eval.datasets = "ade847,pc459,ade150,pc59,voc20"  # the final table (and python -m dcp_jax.evaluate)
+    c.eval.during_training = "ade150"  # what eval_every_steps runs: one cheap set, as CAT-Seg does
+    c.eval.during_training_images = 500  # ... its first N images (0 = all)
+    c.eval.data_root = ""
+    c.eval.mode = "slide"  # "slide" | "whole"
+    c.eval.num_slots = 64  # the largest slot bucket at inference; 0 = one slot per class
+    c.eval.batch_size = 1  # images per device step
+    c.eval.short_side = 640  # test-time ResizeShortestEdge
+    c.eval.slide_canvas = 640  # slide mode: the image is stretched to canvas x canvas ...
+    c.eval.slide_stride = 256  # ... and cut into train.crop_size crops with this stride
+    c.eval.max_images = 0  # 0 = every image (a positive value evaluates a prefix)
+
+    if arg.runlocal:  # the same recipe, a few steps and images: a smoke test before a long run
+        c.total_steps = 10
+        c.log_every_steps = 1
+        c.checkpoint_every_steps = 5
+        c.eval_every_steps = 5
+        c.train.num_workers = 0
+        c.eval.during_training_images = 2
+        c.eval.max_images = 2
     return c

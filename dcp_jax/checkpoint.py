@@ -1,12 +1,15 @@
-"""Workdir layout and Orbax checkpoints (model, optimizer and data-iterator state).
+"""The workdir: everything a training run writes, and how to read a trained model back.
 
 A workdir W holds:
   W/config.json               the run's config (earlier versions kept as config.<n>.json when it changes)
-  W/train_classes.json        the training vocabulary (tag validation needs it to tell seen classes)
+  W/train_classes.json        the training vocabulary (tag validation tells seen classes with it)
+  W/tokenizer/, W/clip_config.json   the CLIP tokenizer and architecture: W alone suffices for inference
   W/checkpoints/<step>/       Orbax: model/, opt/, data/ (grain iterator), meta/
   W/metrics.jsonl             one JSON object per logged step
-  W/eval/<dataset>.json       evaluation results
-  W/tiny_clip/                the random CLIP written by tiny/demo configs (clip.checkpoint == "")
+  W/tensorboard/              the same metrics (and evaluation mIoU) as TensorBoard event files
+  W/eval/<dataset>.json       evaluation results (W/eval/zero_shot/ for the zero-shot baseline)
+  W/tiny_clip/                the random CLIP a config with clip.checkpoint == "" starts from
+  W/.train.lock               held by the running trainer, so a second one is refused
 
 Orbax writes each step into a temporary directory and renames it when complete, so an interrupted
 save never leaves a half-written checkpoint that looks finished.
@@ -14,60 +17,61 @@ save never leaves a half-written checkpoint that looks finished.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
 import grain
-from absl import logging as absl_logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-# Replicated params: let one replica write each array whole. Orbax's default "replica-parallel" save
-# slices every array across replicas with one compiled slice per shape (10 s of compiles for the
-# tiny model on 4 CPU devices) to parallelise a device-to-host copy that is tiny next to a step.
-_verbosity = absl_logging.get_verbosity()
-absl_logging.set_verbosity(absl_logging.ERROR)  # registering an override logs a warning
-try:
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
-finally:
-    absl_logging.set_verbosity(_verbosity)
+from dcp_jax import distributed, files
 
 CONFIG_NAME = "config.json"
 TRAIN_CLASSES_NAME = "train_classes.json"
+TOKENIZER_DIR = "tokenizer"
+CLIP_CONFIG_NAME = "clip_config.json"
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EVAL_DIR = "eval"
+TINY_CLIP_DIR = "tiny_clip"
+LOCK_NAME = ".train.lock"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "bpe_simple_vocab_16e6.txt.gz")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be used; never deleted or replaced automatically."""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class WorkdirLockedError(RuntimeError):
+    """Another trainer is running on the same workdir."""
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    _atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
+# ---------------------------------------------------------------------------------------------
+# Config, vocabulary, inference assets
+# ---------------------------------------------------------------------------------------------
 
 def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """Write W/config.json; if a different config is already there, keep it as config.<n>.json."""
     path = Path(workdir) / CONFIG_NAME
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     if path.exists():
-        old = path.read_text()
-        if old == text:
+        if path.read_text() == text:
             return
         n = 1
         while (backup := path.with_name(f"config.{n}.json")).exists():
             n += 1
         os.replace(path, backup)
-    _atomic_write_text(path, text)
+    files.write_text(path, text)
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -88,11 +92,71 @@ def _lists_to_tuples(obj):
     return obj
 
 
+def save_train_classes(workdir: str | os.PathLike, class_names) -> None:
+    files.write_json(Path(workdir) / TRAIN_CLASSES_NAME, list(class_names))
+
+
 def load_train_classes(workdir: str | os.PathLike) -> list[str] | None:
     """The training vocabulary the trainer saved in W (None if absent: tag validation is then skipped)."""
     path = Path(workdir) / TRAIN_CLASSES_NAME
     return json.loads(path.read_text()) if path.exists() else None
 
+
+def save_inference_assets(workdir: str | os.PathLike, clip_path: Path, clip_config) -> None:
+    """Copy the tokenizer files and the CLIP architecture into W, so W alone suffices for inference."""
+    workdir = Path(workdir)
+    files.write_json(workdir / CLIP_CONFIG_NAME, clip_config.to_hf())
+    source = clip_path if clip_path.is_dir() else clip_path.parent
+    for name in _TOKENIZER_FILES:
+        if (source / name).exists() and not (workdir / TOKENIZER_DIR / name).exists():
+            files.atomic_write(workdir / TOKENIZER_DIR / name, lambda tmp: shutil.copyfile(source / name, tmp))
+
+
+def load_clip_config(workdir: str | os.PathLike):
+    from dcp_jax.models.clip import CLIPConfig
+
+    path = Path(workdir) / CLIP_CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: {workdir} was not written by dcp_jax.train (it saves the "
+                                "CLIP architecture there at start).")
+    return CLIPConfig.from_hf(json.loads(path.read_text()))
+
+
+def tokenizer_dir(workdir: str | os.PathLike) -> Path:
+    return Path(workdir) / TOKENIZER_DIR
+
+
+@contextlib.contextmanager
+def train_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Hold W/.train.lock while training (primary process only). The lock is the kernel's (flock), so a
+    run that crashed or was killed never leaves it held."""
+    if not distributed.is_primary():
+        yield
+        return
+    path = Path(workdir) / LOCK_NAME
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            raise WorkdirLockedError(f"another trainer (pid {owner}) is running on {workdir}; wait for it to finish "
+                                     "or stop it, or use another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax checkpoints
+# ---------------------------------------------------------------------------------------------
 
 class Checkpointer:
     """Orbax CheckpointManager over W/checkpoints with the items model, opt, data and meta."""
@@ -101,8 +165,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               read_only=read_only)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
 
     def latest_step(self) -> int | None:
@@ -111,8 +174,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, data_iter,
-             meta: dict) -> None:
+    def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, data_iter, meta: dict) -> None:
         args = dict(model=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
                     opt=ocp.args.StandardSave(nnx.state(optimizer)),
                     meta=ocp.args.JsonSave(meta))
@@ -123,8 +185,7 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer,
-                      data_iter) -> dict:
+    def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, data_iter) -> dict:
         """Restore everything in place (onto the current shardings); returns the meta dict."""
         args = dict(model=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
                     opt=ocp.args.StandardRestore(nnx.state(optimizer)),
@@ -136,12 +197,11 @@ class Checkpointer:
         nnx.update(optimizer, restored["opt"])
         return dict(restored["meta"])
 
-    def restore_model(self, step: int, model: nnx.Module) -> dict:
-        """Restore only the model parameters into `model` (evaluation, prediction, export)."""
-        restored = self._restore(step, dict(model=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
-                                            meta=ocp.args.JsonRestore()))
-        nnx.update(model, restored["model"])
-        return dict(restored["meta"])
+    def restore_params(self, step: int, target) -> tuple:
+        """Restore the model parameters into `target` (a Param state of ShapeDtypeStructs that carry
+        their shardings: Orbax reads each array straight into it, whatever topology saved it)."""
+        restored = self._restore(step, dict(model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return restored["model"], dict(restored["meta"])
 
     def _restore(self, step: int, args: dict):
         if step not in self.all_steps():
@@ -168,7 +228,7 @@ def resolve_checkpoint(workdir: str | os.PathLike, checkpoint: str | int | None 
             raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a step number or a step "
                                     "directory such as W/checkpoints/5000")
         return path.parent, int(path.name)
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = Path(workdir).absolute() / CHECKPOINTS_DIR
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} not found: no checkpoints in workdir {workdir}. "
                                 "Train first (python -m dcp_jax.train) or pass --checkpoint.")
@@ -181,5 +241,24 @@ def resolve_checkpoint(workdir: str | os.PathLike, checkpoint: str | int | None 
     return directory, step
 
 
-def is_primary() -> bool:
-    return jax.process_index() == 0
+def restore_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
+                  checkpoint: str | int | None = None, *, mesh=None):
+    """The trained model of a workdir: (model, config, step, checkpoint dir). `checkpoint`: None
+    (latest), a step or a step dir. The parameters land in their shardings on `mesh` (default: this
+    host's devices, FSDP as config.mesh.fsdp allows), whatever topology saved them."""
+    from dcp_jax.models import build
+
+    workdir = Path(workdir)
+    config = load_config(workdir) if config is None else config
+    directory, step = resolve_checkpoint(workdir, checkpoint)
+    mesh = distributed.local_mesh(config.mesh.fsdp) if mesh is None else mesh
+    abstract = build.abstract_model(config, load_clip_config(workdir))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    shardings = distributed.tree_shardings(params, mesh, config.mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    checkpointer = Checkpointer(directory, read_only=True)
+    try:
+        restored, _ = checkpointer.restore_params(step, target)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, restored, rest), config, step, directory / str(step)

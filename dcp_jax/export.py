@@ -1,4 +1,5 @@
-"""Export a trained DCP-CLIP for PyTorch: python -m dcp_jax.export --workdir W --out DIR [--checkpoint STEP]
+"""Export a trained DCP-CLIP for PyTorch: python -m dcp_jax.export --workdir W --out DIR [--checkpoint STEP] [--overwrite]
+--verify: then run DIR in JAX and in PyTorch (dcp_jax.torch_ref) on random inputs, print their max logit difference.
 
 DIR gets:
   clip/                     the fine-tuned CLIP as a transformers CLIPModel directory (config.json at the
@@ -27,23 +28,21 @@ failed export leaves nothing half-written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import segmenter
+from dcp_jax import cli, files
+from dcp_jax.models import build, clip_convert, dcp
 from dcp_jax.models import clip as clip_lib
-from dcp_jax.models import clip_convert
-from dcp_jax.models import dcp
+from dcp_jax.rules import flat_params, path_str
 
 CLIP_DIR = "clip"
 HEAD_FILE = "dcp_head.safetensors"
@@ -56,7 +55,7 @@ _KINDS = ((nnx.ConvTranspose, "conv_transpose"), (nnx.Conv, "conv"), (nnx.Linear
 _RENAMED_LEAVES = {"kernel": "weight", "scale": "weight"}
 
 
-class ExportError(RuntimeError):
+class ExportError(ValueError):
     """An export that cannot be written or read (bad paths, a model with no PyTorch equivalent)."""
 
 
@@ -116,10 +115,6 @@ def _check_conv_transpose(module: nnx.ConvTranspose) -> None:
                           "kernel >= stride maps onto nn.ConvTranspose2d(padding=0)")
 
 
-def _path_str(path, sep: str) -> str:
-    return sep.join(str(p) for p in path)
-
-
 def head_layout(model: dcp.DCPCLIP) -> dict[str, dict]:
     """Exported name -> {flax_path, shape (PyTorch layout), kind} for every non-CLIP parameter.
 
@@ -127,24 +122,24 @@ def head_layout(model: dcp.DCPCLIP) -> dict[str, dict]:
     modules = {tuple(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
     layout = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if dcp.is_clip_param(path):
+        if path[0] == "clip":
             continue
         *parents, leaf = (str(p) for p in path)
         owner = modules.get(tuple(path[:-1]))
         kind = _module_kind(owner) or "param"
         if leaf == "kernel" and kind == "param":
-            raise ExportError(f"{_path_str(path, '/')}: a kernel of a {type(owner).__name__} has no PyTorch "
+            raise ExportError(f"{path_str(path)}: a kernel of a {type(owner).__name__} has no PyTorch "
                               "export rule; add its module type to dcp_jax.export._KINDS")
         name = ".".join([*parents, leaf if kind == "param" else _RENAMED_LEAVES.get(leaf, leaf)])
         shape = to_torch(kind, leaf, np.broadcast_to(np.float32(0), var.get_value().shape)).shape  # no copy
-        layout[name] = {"flax_path": _path_str(path, "/"), "shape": list(shape), "kind": kind}
+        layout[name] = {"flax_path": path_str(path), "shape": list(shape), "kind": kind}
     return layout
 
 
 def head_tensors(model: dcp.DCPCLIP) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """(name -> float32 tensor in PyTorch layout, layout) for every non-CLIP parameter of `model`."""
     layout = head_layout(model)
-    flat = {_path_str(p, "/"): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = dict(flat_params(model))
     tensors = {}
     for name, entry in layout.items():
         leaf = entry["flax_path"].rsplit("/", 1)[-1]
@@ -173,17 +168,18 @@ def write_export(model: dcp.DCPCLIP, config: ml_collections.ConfigDict, out_dir:
                           f"{config.clip.image_size}; the config does not belong to this model")
     # The CLIP config already carries the trained resolution, and the params its resized position table.
     clip_lib.save_hf_checkpoint(model.clip, clip_config, out_dir / CLIP_DIR)
-    copy_tokenizer(tokenizer_dir, out_dir / CLIP_DIR)
+    if tokenizer_dir is not None:  # None: weights only (a random model has no tokenizer; benchmarks)
+        copy_tokenizer(tokenizer_dir, out_dir / CLIP_DIR)
     _advance(progress)
 
     tensors, layout = head_tensors(model)
     save_file(tensors, str(out_dir / HEAD_FILE), metadata={"format": "pt"})
-    ckpt_lib.write_json(out_dir / LAYOUT_FILE, layout)
+    files.write_json(out_dir / LAYOUT_FILE, layout)
     _advance(progress)
 
-    (out_dir / ckpt_lib.CONFIG_NAME).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    ckpt_lib.save_config(out_dir, config)
     if train_classes is not None:
-        ckpt_lib.write_json(out_dir / ckpt_lib.TRAIN_CLASSES_NAME, list(train_classes))
+        ckpt_lib.save_train_classes(out_dir, train_classes)
     (out_dir / README_FILE).write_text(_readme(config, clip_config, step, layout, train_classes is not None))
     _advance(progress)
     return out_dir
@@ -273,7 +269,8 @@ def _check_out_dir(out: Path, workdir: Path, overwrite: bool) -> None:
 
 
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str | int | None = None,
-                   overwrite: bool = False, show_progress: bool = False) -> Path:
+                   overwrite: bool = False, show_progress: bool = False,
+                   config: ml_collections.ConfigDict | None = None) -> Path:
     """Export W's checkpoint (default: the latest) into `out`. Returns the export directory.
 
     Refuses a non-empty `out` unless `overwrite`. Writes into a temporary sibling of `out` and renames it
@@ -289,34 +286,17 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, checkp
 
     from tqdm import tqdm
     progress = tqdm(total=4, desc="export", unit="part", disable=not show_progress, file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model, config, step = segmenter.restore_model(workdir, checkpoint=checkpoint)
-        progress.update(1)
-        write_export(model, config, tmp, tokenizer_dir=workdir / segmenter.TOKENIZER_DIR,
-                     train_classes=ckpt_lib.load_train_classes(workdir), step=step, progress=progress)
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with files.atomic_directory(out, overwrite=True) as tmp:
+            model, config, step, _ = ckpt_lib.restore_model(workdir, config, checkpoint)
+            progress.update(1)
+            write_export(model, config, tmp, tokenizer_dir=ckpt_lib.tokenizer_dir(workdir),
+                         train_classes=ckpt_lib.load_train_classes(workdir), step=step, progress=progress)
+            if out.is_dir() and any(out.iterdir()) and not overwrite:  # appeared while exporting
+                raise ExportError(f"--out {out} became non-empty during the export; pass --overwrite to replace it")
     finally:
         progress.close()
     return out
-
-
-def _replace_dir(new: Path, out: Path, overwrite: bool) -> None:
-    """Move `new` to `out`; an existing `out` (empty, or any with `overwrite`) is removed only after."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    if any(out.iterdir()) and not overwrite:  # appeared while exporting
-        raise ExportError(f"--out {out} became non-empty during the export; pass --overwrite to replace it")
-    old = out.parent / f".{out.name}.export-old-{os.getpid()}"
-    os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,29 +315,18 @@ def load_export(directory: str | os.PathLike, config: ml_collections.ConfigDict 
                               "(python -m dcp_jax.export writes it)")
     if config is None:
         config = ckpt_lib.load_config(directory)
-    dtype = dcp.compute_dtype(config)
-    clip_model, clip_config = clip_lib.load_clip(directory / CLIP_DIR, image_size=config.clip.image_size,
-                                                 dtype=dtype)
-    abstract = nnx.eval_shape(lambda: dcp.DCPCLIP(config, clip_config, rngs=nnx.Rngs(0),
-                                                  clip_model=clip_lib.abstract_model(clip_config, dtype)))
-    layout = head_layout(abstract)
+    clip_params, clip_config = clip_lib.load_clip_params(directory / CLIP_DIR, image_size=config.clip.image_size)
+    layout = head_layout(build.abstract_model(config, clip_config))
     tensors = load_file(str(directory / HEAD_FILE))
     clip_convert.check_params(tensors, {k: tuple(v["shape"]) for k, v in layout.items()},
                               what=f"the DCP head built from the config ({directory / HEAD_FILE})")
     _check_saved_layout(directory / LAYOUT_FILE, layout)
-
-    head = {}
+    given = {f"clip/{name}": value for name, value in clip_params.items()}
     for name, entry in layout.items():
         leaf = entry["flax_path"].rsplit("/", 1)[-1]
-        head[entry["flax_path"]] = from_torch(entry["kind"], leaf, tensors[name])
-    clip_params = clip_lib.model_params(clip_model)
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        key = _path_str(path, "/")
-        value = clip_params[_path_str(path[1:], "/")] if dcp.is_clip_param(path) else head[key]
-        var.set_value(jnp.asarray(np.ascontiguousarray(value), jnp.float32))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        given[entry["flax_path"]] = np.ascontiguousarray(from_torch(entry["kind"], leaf, tensors[name]))
+    return build.init_module(lambda rngs: dcp.DCPCLIP(config, clip_config, rngs=rngs), mesh_config=config.mesh,
+                             given=given)
 
 
 def _check_saved_layout(path: Path, layout: dict) -> None:
@@ -374,32 +343,36 @@ def _check_saved_layout(path: Path, layout: dict) -> None:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m dcp_jax.export",
-        description="Export a trained DCP-CLIP workdir for PyTorch: the fine-tuned CLIP as a transformers "
-                    "CLIPModel directory (DIR/clip) and the DCP head as safetensors in PyTorch layout "
-                    "(DIR/dcp_head.safetensors + DIR/dcp_head_layout.json), with the config, training "
-                    "classes and a README.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="the training workdir W (python -m dcp_jax.train)")
-    parser.add_argument("--out", required=True, help="export directory DIR (created; must be new or empty)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="step number or step directory such as W/checkpoints/5000 (default: latest)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
-    return parser
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    from absl import flags
+    cmd = cli.Command("python -m dcp_jax.export", __doc__, argv, config=cli.default_config(),
+                      config_help="config file instead of WORKDIR/config.json (--config.KEY=VALUE overrides either)")
+    f = cmd.flags
+    flags.DEFINE_string("workdir", None, "the training workdir W (python -m dcp_jax.train)", flag_values=f)
+    flags.DEFINE_string("out", None, "export directory DIR (created; must be new or empty)", flag_values=f)
+    flags.DEFINE_string("checkpoint", None, "step number or step directory such as W/checkpoints/5000 "
+                        "(default: the latest)", flag_values=f)
+    flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory", flag_values=f)
+    flags.DEFINE_bool("verify", False, "after exporting, load DIR back in JAX and in PyTorch (dcp_jax.torch_ref), run "
+                      "both on random inputs and print their max logit difference as the last line; exit 1 above "
+                      "the tolerance (1e-4)", flag_values=f)
+    cmd.required("workdir", "out")
+    args = cmd.parse()
+
+    def body():
         out = export_workdir(args.workdir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
-                             show_progress=True)
-    except (ExportError, FileNotFoundError, ValueError, ckpt_lib.CheckpointError) as e:
-        print(f"dcp_jax.export: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"exported to {out}", file=sys.stderr)
-    return 0
+                             show_progress=True, config=cmd.config(args.workdir))
+        print(f"exported to {out}", file=sys.stderr)
+        if args.verify:
+            try:
+                from dcp_jax import torch_ref
+                from dcp_jax.torch_ref import verify
+            except ImportError as e:
+                raise ExportError(f"--verify needs PyTorch and transformers ({e}); pip install 'dcp_jax[torch]'") from e
+            sys.stderr.flush()  # the verdict below stays the last line of the output
+            return 0 if verify.verify_export(out) <= torch_ref.TOLERANCE else 1
+
+    return cmd.run(body)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 MODES = ("slide", "whole")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,65 +399,3 @@ def predict_labels(forward: ForwardFn, images, *, mode: str = "slide", crop: int
                                       out_shape=tuple(out_shape), chunk=chunk, **geometry))
     result = [labels[i, :outs[i, 0], :outs[i, 1]] for i in range(b)]
     return result[0] if single else result
-
-
-# --------------------------------------------------------------------------------------------------
-# Zero-shot baseline: dense CLIP similarity, no trained head
-# --------------------------------------------------------------------------------------------------
-
-
-def clip_preprocess(views, image_size: int) -> jax.Array:
-    """Views 0..255 [N,S,S,3] -> CLIP input [N,image_size,image_size,3]: bilinear resize, /255, mean/std."""
-    views = jnp.asarray(views, jnp.float32)
-    n, s = views.shape[0], views.shape[1]
-    if image_size != s:
-        views = _resize_images(views, jnp.full((n, 2), s, jnp.int32), image_size)
-    return (views / 255.0 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-
-
-def zero_shot_forward(clip_model, text_embeds, *, num_slots: int, clip_image_size: int) -> ForwardFn:
-    """A forward function (same contract as the model's) that segments with raw CLIP: the zero-shot floor.
-
-    Per view: dense CLIP features (`encode_image(..., dense_mode="catseg")`) against T_bar = normalise(mean over
-    the P templates), per-patch log-softmax over all C classes of logit_scale * cos. The logits are these
-    log-probabilities: sigmoid(log p) = p / (1 + p) keeps the per-pixel ranking, whereas sigmoid(100 * cos)
-    saturates to exactly 1.0 in float32 for every class. Slots: the top-`num_slots` classes by their best patch
-    probability in the view (0 = all classes), all valid. Logits are at the CLIP patch grid.
-
-    Args:
-      clip_model: a `dcp_jax.models.clip.CLIPModel` whose config.vision.image_size == clip_image_size.
-      text_embeds: [C,P,D] per-template text embeddings.
-    """
-    from flax import nnx
-
-    from dcp_jax.models.selection import l2_normalize, mean_text_embedding, resolve_num_slots
-
-    text_embeds = jnp.asarray(text_embeds, jnp.float32)
-    if text_embeds.ndim != 3:
-        raise ValueError(f"text_embeds must be [C,P,D]; got shape {text_embeds.shape}")
-    model_size = clip_model.config.vision.image_size
-    if model_size != clip_image_size:
-        raise ValueError(f"clip_image_size={clip_image_size} but the CLIP model runs at {model_size}; "
-                         f"load it with image_size={clip_image_size}")
-    num_classes = text_embeds.shape[0]
-    k = resolve_num_slots(num_slots, num_classes)
-    text_bar = mean_text_embedding(text_embeds)
-    graphdef, state = nnx.split(clip_model)
-
-    @jax.jit
-    def run(state, views):
-        model = nnx.merge(graphdef, state)
-        _, aux = model.encode_image(clip_preprocess(views, clip_image_size), dense_mode="catseg")
-        dense = l2_normalize(aux["dense"])  # [N,g,g,D]
-        scale = jnp.exp(model.logit_scale[...].astype(jnp.float32))
-        cos = jnp.einsum("nhwd,cd->nhwc", dense, text_bar, precision=jax.lax.Precision.HIGHEST)
-        log_p = jax.nn.log_softmax(scale * cos, axis=-1)
-        _, slot_class = jax.lax.top_k(jnp.max(log_p, axis=(1, 2)), k)  # [N,K]
-        logits = jnp.take_along_axis(log_p, slot_class[:, None, None, :], axis=-1)
-        return dict(logits=jnp.transpose(logits, (0, 3, 1, 2)), slot_class=slot_class.astype(jnp.int32),
-                    slot_valid=jnp.ones(slot_class.shape, bool))
-
-    def forward(views):
-        return run(state, views)
-
-    return forward

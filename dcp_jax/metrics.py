@@ -142,3 +142,25 @@ def background_mapping(vocab_size: int, num_foreground: int) -> np.ndarray:
     if not 0 < num_foreground <= vocab_size:
         raise ValueError(f"num_foreground={num_foreground} must be in [1, vocab_size={vocab_size}]")
     return np.minimum(np.arange(vocab_size), num_foreground).astype(np.int32)
+
+
+def seen_unseen(per_class_iou, unseen) -> dict:
+    """mIoU over the seen classes, over the unseen ones, and their harmonic mean hIoU (zero-shot
+    segmentation's convention, e.g. ZegFormer / SPNet), from `compute_metrics`' per_class_iou.
+
+    unseen: bool per class. Classes without ground truth (None) count in neither mean. Returns
+    {"mIoU_seen", "mIoU_unseen", "hIoU"} in percent (None where a group has no scored class).
+    """
+    unseen = np.asarray(unseen, bool)
+    if len(per_class_iou) != unseen.size:
+        raise ValueError(f"{len(per_class_iou)} per-class IoUs but an unseen mask of {unseen.size} classes")
+
+    def mean(group):
+        values = [v for v, u in zip(per_class_iou, unseen) if v is not None and u == group]
+        return float(np.mean(values)) if values else None
+
+    seen_miou, unseen_miou = mean(False), mean(True)
+    h = None
+    if seen_miou is not None and unseen_miou is not None:
+        h = 0.0 if seen_miou + unseen_miou == 0 else 2 * seen_miou * unseen_miou / (seen_miou + unseen_miou)
+    return {"mIoU_seen": seen_miou, "mIoU_unseen": unseen_miou, "hIoU": h}

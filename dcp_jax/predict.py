@@ -1,29 +1,30 @@
-"""Segment your own images with your own classes.
+r"""Segment your own images with your own classes.
 
   python -m dcp_jax.predict --workdir runs/b16 --image photo.jpg --classes "cat, dog, grass" --out-dir out/
   python -m dcp_jax.predict --workdir runs/b16 --image photos/ --classes-file classes.txt --out-dir out/
+  python -m dcp_jax.predict --zero-shot ~/models/clip-vit-base-patch16 --image photo.jpg --classes "cat, dog" \
+      --out-dir out/ [--config configs/dcp_vitb16_coco_stuff.py]
 
 For each image it writes <stem>_labels.png (class ids; 16-bit when the vocabulary has more than 255
 classes), <stem>_overlay.png (colour overlay with a legend of the classes present) and <stem>.json
 (the classes present with their pixel fractions). --classes separates classes with commas; use
 --classes-file (one class per line, or a JSON list) for names with synonyms ("building, edifice").
-The inference path is the evaluator's (dcp_jax.segmenter), so both give the same labels.
+An image that cannot be read is named and skipped; the others are still written, and the exit
+status is then 1. The inference path is the evaluator's (dcp_jax.segmenter), so both give the same
+labels. The workdir's config applies, with any --config.KEY=VALUE overrides (e.g.
+--config.eval.mode=whole).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import config as config_lib
-from dcp_jax import visualize
+from dcp_jax import cli, files, visualize
 from dcp_jax.data import datasets as datasets_lib
-from dcp_jax.evaluate import load_config_file
 from dcp_jax.segmenter import Segmenter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -51,88 +52,79 @@ def read_classes(classes: str | None, classes_file: str | None) -> list[str]:
 def list_images(image: str) -> list[Path]:
     path = Path(image)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
             raise FileNotFoundError(f"{path} contains no images ({', '.join(IMAGE_SUFFIXES)})")
-        stems = [p.stem for p in files]
+        stems = [p.stem for p in found]
         clashes = sorted({s for s in stems if stems.count(s) > 1})
         if clashes:  # outputs are named by stem: a.jpg and a.png would overwrite each other
             raise ValueError(f"{path} holds several images with the same name stem {clashes}; "
                              "rename them or predict them separately")
-        return files
+        return found
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file or directory")
     return [path]
 
 
-def predict_files(segmenter: Segmenter, files: list[Path], class_names: list[str], out_dir: Path) -> list[dict]:
-    """Segment each file and write its three outputs; returns the per-image summaries."""
+def predict_files(segmenter: Segmenter, paths: list[Path], class_names: list[str], out_dir: Path
+                  ) -> tuple[list[dict], list[str]]:
+    """Segment each file and write its three outputs. Returns (per-image summaries, one error line per
+    unreadable image); an unreadable image does not stop the others."""
     segmenter.set_vocabulary(class_names)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = []
-    for file in tqdm(files, desc="predict", unit="img", disable=len(files) < 2):
-        image = datasets_lib.read_image(file)
+    summaries, errors = [], []
+    for path in tqdm(paths, desc="predict", unit="img", disable=len(paths) < 2):
+        try:
+            image = datasets_lib.read_image(path)
+        except datasets_lib.DatasetError as e:
+            errors.append(str(e))
+            continue
         labels = segmenter.segment([image])[0]
-        visualize.save_label_png(labels, out_dir / f"{file.stem}_labels.png", len(class_names))
-        _save_png(visualize.overlay(image, labels, class_names), out_dir / f"{file.stem}_overlay.png")
-        summary = {"image": str(file), "height": int(labels.shape[0]), "width": int(labels.shape[1]),
+        visualize.save_label_png(labels, out_dir / f"{path.stem}_labels.png", len(class_names))
+        visualize.save_png(visualize.overlay(image, labels, class_names), out_dir / f"{path.stem}_overlay.png")
+        summary = {"image": str(path), "height": int(labels.shape[0]), "width": int(labels.shape[1]),
                    "classes": visualize.class_summary(labels, class_names), "vocabulary": class_names,
-                   "zero_shot": segmenter.zero_shot, "step": int(getattr(segmenter, "step", 0))}
-        ckpt_lib.write_json(out_dir / f"{file.stem}.json", summary)
+                   "zero_shot": segmenter.zero_shot, "step": segmenter.step}
+        files.write_json(out_dir / f"{path.stem}.json", summary)
         summaries.append(summary)
-    return summaries
-
-
-def _save_png(image, path: Path) -> None:
-    from PIL import Image
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dcp_jax.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", help="trained run directory (its latest checkpoint is used)")
-    parser.add_argument("--zero-shot", metavar="CLIP", help="use the zero-shot CLIP baseline from this CLIP "
-                        "checkpoint instead of a trained workdir")
-    parser.add_argument("--image", required=True, help="an image file or a directory of images")
-    parser.add_argument("--classes", help='comma-separated class names, e.g. "cat, dog, grass"')
-    parser.add_argument("--classes-file", help="a file of class names: one per line, or a JSON list")
-    parser.add_argument("--out-dir", required=True, help="where <stem>_labels.png, <stem>_overlay.png and "
-                        "<stem>.json are written")
-    parser.add_argument("--config", help="config file (configs/X.py[:args]) instead of WORKDIR/config.json; "
-                        "with --zero-shot it sets the CLIP input size and the test-time protocol (default: "
-                        "the ViT-B/16 base config)")
-    parser.add_argument("--checkpoint", help="step number or step directory (default: the latest)")
-    parser.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the run's eval.mode)")
-    return parser
+    return summaries, errors
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        class_names = read_classes(args.classes, args.classes_file)
-        files = list_images(args.image)
-        # As in evaluate: --config replaces the run's config, and sets the zero-shot baseline's protocol.
-        config = load_config_file(args.config) if args.config else None
-        if args.zero_shot:
-            segmenter = Segmenter.from_clip(args.zero_shot, config or config_lib.base_config())
+    from absl import flags
+    cmd = cli.Command("python -m dcp_jax.predict", __doc__, argv, config=cli.default_config(),
+                      config_help="config file instead of WORKDIR/config.json; with --zero-shot it sets the CLIP "
+                                  "input size and the test-time protocol (default: the ViT-B/16 recipe)")
+    f = cmd.flags
+    flags.DEFINE_string("workdir", None, "trained run directory (its latest checkpoint is used)", flag_values=f)
+    flags.DEFINE_string("zero-shot", None, "use the zero-shot CLIP baseline of this CLIP checkpoint instead of a "
+                        "trained workdir", flag_values=f)
+    flags.DEFINE_string("image", None, "an image file or a directory of images", flag_values=f)
+    flags.DEFINE_string("classes", None, 'comma-separated class names, e.g. "cat, dog, grass"', flag_values=f)
+    flags.DEFINE_string("classes-file", None, "a file of class names: one per line, or a JSON list", flag_values=f)
+    flags.DEFINE_string("out-dir", None, "where <stem>_labels.png, <stem>_overlay.png and <stem>.json go",
+                        flag_values=f)
+    flags.DEFINE_string("checkpoint", None, "step number or step directory (default: the latest)", flag_values=f)
+    cmd.required("image", "out-dir")
+    args = cmd.parse()
+
+    def body():
+        class_names = read_classes(args.classes, args["classes-file"].value)
+        paths = list_images(args.image)
+        if args["zero-shot"].value:
+            segmenter = Segmenter.from_clip(args["zero-shot"].value, cmd.config())
         elif args.workdir:
-            segmenter = Segmenter.from_workdir(args.workdir, config, checkpoint=args.checkpoint)
+            segmenter = Segmenter.from_workdir(args.workdir, cmd.config(args.workdir), checkpoint=args.checkpoint)
         else:
-            parser.error("give --workdir (a trained run) or --zero-shot CLIP_DIR")
-    except (ValueError, FileNotFoundError, ckpt_lib.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.mode:
-        with segmenter.config.unlocked():
-            segmenter.config.eval.mode = args.mode
-    for s in predict_files(segmenter, files, class_names, Path(args.out_dir)):
-        present = ", ".join(f"{c['name']} {100 * c['fraction']:.1f}%" for c in s["classes"][:8])
-        print(f"{s['image']}: {present}")
-    return 0
+            raise ValueError("give --workdir (a trained run) or --zero-shot CLIP_DIR")
+        summaries, errors = predict_files(segmenter, paths, class_names, Path(args["out-dir"].value))
+        for s in summaries:
+            present = ", ".join(f"{c['name']} {100 * c['fraction']:.1f}%" for c in s["classes"][:8])
+            print(f"{s['image']}: {present}")
+        for error in errors:
+            print(f"{cmd.prog}: error: {error}; skipped", file=sys.stderr)
+        return 1 if errors else 0
+
+    return cmd.run(body)
 
 
 if __name__ == "__main__":

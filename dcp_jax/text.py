@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from dcp_jax import files
+
 # The 80 prompt templates of OpenAI's ImageNet zero-shot notebook (CLIP paper; SED's IMAGENET_TEMPLATES), and
 # CAT-Seg's single template.
 IMAGENET_TEMPLATES = [
@@ -47,7 +49,7 @@ IMAGENET_TEMPLATES = [
     "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
     "a photo of a small {}.", "a tattoo of the {}.",
 ]
-TEMPLATES = {"imagenet80": IMAGENET_TEMPLATES, "single": ["A photo of a {} in the scene."]}
+TEMPLATES = {"imagenet80": IMAGENET_TEMPLATES, "single": ["A photo of a {} in the scene"]}  # CAT-Seg's, no period
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt", "bpe_simple_vocab_16e6.txt.gz")
 
@@ -148,6 +150,22 @@ def split_synonyms(class_name: str) -> list[str]:
     return names
 
 
+def _name_keys(name: str) -> set[str]:
+    """A class name counts by its full string and by its first synonym ("building, edifice" -> "building")."""
+    normalise = lambda n: " ".join(n.lower().split())  # noqa: E731
+    return {normalise(name), normalise(name.split(",")[0])}
+
+
+def seen_mask(vocabulary: Sequence[str], train_vocabulary: Sequence[str]) -> np.ndarray:
+    """np.bool_ [C]: whether each vocabulary class is in the training vocabulary (case/space-insensitive;
+    the full name or its first synonym may match either form of a training name). Tag validation
+    re-checks the classes that are not."""
+    train_keys: set[str] = set()
+    for name in train_vocabulary:
+        train_keys |= _name_keys(name)
+    return np.array([bool(_name_keys(name) & train_keys) for name in vocabulary], dtype=np.bool_)
+
+
 def text_fingerprint(model) -> str:
     """Hash of everything the text embeddings depend on in the model: text-tower + text_projection weights,
     the text config and the compute dtype."""
@@ -163,19 +181,7 @@ def text_fingerprint(model) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DCP_JAX_CACHE") or Path.home() / ".cache" / "dcp_jax" / "text_embeddings")
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return files.cache_dir("text_embeddings")
 
 
 def _l2_normalise(x, axis=-1):
@@ -211,8 +217,8 @@ def embed_vocabulary(model, tokenizer, class_names: Sequence[str], templates="im
     """Text embeddings T [C,P,D] float32 of every class in every template, each row L2-normalised.
 
     Synonyms ("building, edifice") are embedded separately, averaged and renormalised. Results are cached in
-    `cache_dir` (default $DCP_JAX_CACHE or ~/.cache/dcp_jax/text_embeddings) keyed by the text-tower weights,
-    the class list and the templates.
+    `cache_dir` (default $DCP_JAX_CACHE/text_embeddings; $DCP_JAX_CACHE defaults to ~/.cache/dcp_jax) keyed by
+    the text-tower weights, the class list and the templates.
     """
     if isinstance(class_names, str):
         raise TypeError("class_names must be a list of class names, not a single string")
@@ -243,16 +249,35 @@ def embed_vocabulary(model, tokenizer, class_names: Sequence[str], templates="im
     owner = np.asarray(owner)
     np.add.at(sums, (owner[:, 0], owner[:, 1]), emb)  # synonym mean, up to the norm removed next
     T = _l2_normalise(sums).astype(np.float32)
-    _save_atomic(cache_file, T)
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, T)
+
+    files.atomic_write(cache_file, save)
     return T
 
 
-def mean_text_embedding(T):
-    """T_bar [C,D]: mean of T [C,P,D] over the templates, renormalised (numpy in, numpy out; jax in, jax out)."""
-    xp = np if isinstance(T, np.ndarray) else jnp
-    m = T.mean(axis=1)
-    return m / xp.linalg.norm(m, axis=-1, keepdims=True)
+def guidance_tokens(tokenizer, class_names: Sequence[str], *, num_context: int = 0,
+                    context_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
+    """The single-template prompt of each class, for re-encoding the slots' guidance text.
+
+    Each prompt is [start, num_context placeholders, the template's tokens, end]; the placeholders are
+    where the learnt context vectors go (CoOp; `CLIPModel.encode_text_tokens(context=...)`). Only a
+    class's first synonym is used (as CAT-Seg's trained-text path). Rows are cut to the longest
+    prompt: the causal text tower pools at the end token, so trailing padding changes nothing.
+    Returns (input_ids, attention_mask) int32 [C, L].
+    """
+    prompts = [TEMPLATES["single"][0].format(split_synonyms(name)[0]) for name in class_names]
+    ids, mask = tokenize(tokenizer, prompts, context_length=context_length - num_context)
+    if num_context:
+        bos = tokenizer.bos_token_id  # a placeholder id that is neither the end token nor padding
+        holders = np.full((len(prompts), num_context), bos, np.int32)
+        ids = np.concatenate([ids[:, :1], holders, ids[:, 1:]], axis=1)
+        mask = np.concatenate([mask[:, :1], np.ones_like(holders), mask[:, 1:]], axis=1)
+    length = int(mask.sum(axis=1).max())
+    return ids[:, :length], mask[:, :length]
 
 
 __all__ = ["IMAGENET_TEMPLATES", "TEMPLATES", "default_cache_dir", "embed_texts", "embed_vocabulary",
-           "load_tokenizer", "mean_text_embedding", "split_synonyms", "text_fingerprint", "tokenize"]
+           "guidance_tokens", "load_tokenizer", "seen_mask", "split_synonyms", "text_fingerprint", "tokenize"]

@@ -1,11 +1,11 @@
-"""Train DCP-CLIP: python -m dcp_jax.train --config configs/X.py[:args] --workdir W [--config.key=value ...]
+"""Train DCP-CLIP: python -m dcp_jax.train --config configs/X.py[:ARGS] --workdir W [--config.KEY=VALUE ...]
 
-Without --config it runs the built-in CPU demo (configs/demo.py): a tiny random CLIP and a synthetic
-dataset written under W, a few minutes of training, then evaluation.
-
-The run resumes automatically from W's latest checkpoint (model, optimizer and data-iterator state);
-otherwise the CLIP weights come from `clip.checkpoint`. Data parallel over every device of every host
-(a 1-D `data` mesh; params replicated). SIGTERM saves a checkpoint and exits cleanly.
+Without --config it runs the built-in CPU demo (configs/demo.py). The run resumes from W's latest
+checkpoint (model, optimizer and data-iterator state); otherwise the CLIP weights come from
+`clip.checkpoint`. The batch is split over every device of every host on a ("data", "fsdp") mesh;
+`mesh.fsdp` > 1 also shards parameters and optimizer state (FSDP). `eval_every_steps` evaluates
+`eval.during_training`; at the end the full `eval.datasets` table is evaluated. SIGTERM saves a
+checkpoint and exits cleanly; a second trainer on the same W is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,19 +24,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import distributed
-from dcp_jax import segmenter
+from dcp_jax import cli, distributed, files
+from dcp_jax import config as config_lib
+from dcp_jax import loss as loss_lib
+from dcp_jax import optim
 from dcp_jax import text as text_lib
 from dcp_jax.data import datasets as datasets_lib
 from dcp_jax.data import pipeline
-from dcp_jax.models import dcp
-
-DEFAULT_CONFIG = str(Path(__file__).with_name("default_config.py"))
+from dcp_jax.models import build, dcp
+from dcp_jax.models import clip as clip_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,88 +43,27 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer
-# ---------------------------------------------------------------------------------------------
-
-def learning_rate_schedule(config) -> optax.Schedule:
-    o = config.optim
-    if o.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(o.lr, max(1, config.total_steps - o.warmup_steps))
-    elif o.schedule == "constant":
-        decay = optax.constant_schedule(o.lr)
-    else:
-        raise ValueError(f"optim.schedule={o.schedule!r}: expected 'cosine' or 'constant'")
-    if o.warmup_steps:
-        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), decay],
-                                    [o.warmup_steps])
-    return decay
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
-def make_optimizer(config, model: nnx.Module) -> nnx.Optimizer:
-    """AdamW over the trainable params; CLIP params at lr x clip_lr_mult; full-model grad clipping.
-
-    Norm layers get no weight decay (detectron2's WEIGHT_DECAY_NORM = 0); biases are decayed like
-    detectron2's default.
-    """
-    schedule = learning_rate_schedule(config)
-    o = config.optim
-    trainable = dcp.trainable_filter(config)
-
-    def adamw(lr):
-        return optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=o.weight_decay,
-                           mask=lambda params: jax.tree_util.tree_map_with_path(
-                               lambda p, _: not _is_norm_param(_path_str(p)), params))
-
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda p, _: "clip" if dcp.is_clip_param(_path_str(p)) else "head", params)
-
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm else optax.identity(),
-        optax.multi_transform({"head": adamw(schedule),
-                               "clip": adamw(lambda s: schedule(s) * o.clip_lr_mult)}, labels))
-    return nnx.Optimizer(model, tx, wrt=trainable)
-
-
-def _is_norm_param(path: str) -> bool:
-    """LayerNorm/GroupNorm scales and biases: every norm module's name contains "norm" (norm1,
-    layer_norm1, pre_layrnorm, post_layernorm, guidance_norm, ...)."""
-    parts = path.split("/")
-    return len(parts) >= 2 and "norm" in parts[-2]
-
-
-# ---------------------------------------------------------------------------------------------
 # Setup helpers
 # ---------------------------------------------------------------------------------------------
 
-def resolve_workdir_placeholders(config, workdir: Path) -> None:
-    """Dataset specs may say {workdir}, e.g. the demo's synthetic data under W."""
-    with config.unlocked():
-        config.train.dataset = config.train.dataset.replace("{workdir}", str(workdir))
-        config.eval.datasets = config.eval.datasets.replace("{workdir}", str(workdir))
-
-
 def clip_checkpoint_path(config, workdir: Path, *, create: bool) -> Path:
-    """The CLIP weights (and tokenizer) a run starts from; tiny configs write a random one into W."""
+    """The CLIP weights (and tokenizer) a run starts from; clip.checkpoint == "" writes a random tiny CLIP into W."""
     if config.clip.checkpoint:
         path = Path(config.clip.checkpoint).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"clip.checkpoint={config.clip.checkpoint!r} does not exist. Point it at "
                                     "an HF CLIP directory or an OpenAI .pt file on local disk.")
         return path
-    path = workdir / "tiny_clip"
+    path = workdir / ckpt_lib.TINY_CLIP_DIR
     if not (path / "config.json").exists():
         if not create:
             raise FileNotFoundError(f"{path} missing: the workdir's random tiny CLIP is gone; "
                                     "it is written by the trainer when clip.checkpoint is empty.")
-        if ckpt_lib.is_primary():
+        if distributed.is_primary():
             from dcp_jax.models.tiny_clip import write_tiny_clip
-            write_tiny_clip(path, config.clip.tiny.to_dict(), seed=config.seed)
-        _sync("tiny_clip")
+            with files.atomic_directory(path, overwrite=True) as tmp:
+                write_tiny_clip(tmp, config.clip.tiny.to_dict(), seed=config.seed)
+        distributed.sync("tiny_clip")
     return path
 
 
@@ -135,45 +74,70 @@ def maybe_write_synthetic(config, workdir: Path) -> None:
         return
     out = Path(spec[len("folder:"):])
     if not (out / "classes.json").exists():
-        if ckpt_lib.is_primary():
+        if distributed.is_primary():
             from dcp_jax.data.synthetic import write_synthetic_dataset
             _say(f"writing {n} synthetic images to {out}")
-            write_synthetic_dataset(out, num_images=n, seed=config.seed,
-                                    size=config.train.get("synthetic_size", 128))
-        _sync("synthetic")
+            write_synthetic_dataset(out, num_images=n, seed=config.seed, size=config.train.get("synthetic_size", 128))
+        distributed.sync("synthetic")
 
 
 def _say(message: str) -> None:
-    if ckpt_lib.is_primary():
+    if distributed.is_primary():
         print(f"[dcp_jax.train] {message}", file=sys.stderr, flush=True)
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+class MetricWriter:
+    """W/metrics.jsonl (one JSON line per logged step) and TensorBoard event files in W/tensorboard.
+
+    TensorBoard through tensorboardX: a small, maintained writer of the event format that needs no
+    TensorFlow (clu's writers need TensorFlow for TensorBoard). Primary process only.
+    """
+
+    def __init__(self, workdir: Path):
+        self.enabled = distributed.is_primary()
+        self.path = workdir / ckpt_lib.METRICS_NAME
+        self.tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(workdir / ckpt_lib.TENSORBOARD_DIR))
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        if prefix == "train":
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            self.tb.add_scalar(f"{prefix}/{key}", value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # The training step
 # ---------------------------------------------------------------------------------------------
 
-def make_train_step(config, graphdef, num_classes: int):
+def make_train_step(config, graphdef, state_shardings, num_classes: int):
+    """jit(state, batch, text_embeds, guidance_tokens) -> (state, metrics), the state kept in its shardings."""
     num_slots = int(config.model.dcs.num_slots)
-    trainable = dcp.trainable_filter(config)
+    trainable = optim.trainable(config)
+    rows = int(config.text.finetune_rows)
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
-    def train_step(state, batch, text_embeds):
+    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    def train_step(state, batch, text_embeds, guidance_tokens):
         model, optimizer = nnx.merge(graphdef, state)
 
         def loss_fn(model):
-            gt = dcp.gt_presence(batch["label"], num_classes) if config.model.dcs.include_gt else None
-            out = model(batch["image"], text_embeds, num_slots=num_slots, gt_present=gt, train=True)
-            loss, metrics = dcp.dcp_loss(out, batch["label"],
-                                         ignore_as_negative=config.train.ignore_as_negative)
+            gt = loss_lib.gt_presence(batch["label"], num_classes) if config.model.dcs.include_gt else None
+            out = model(batch["image"], text_embeds, num_slots=num_slots, gt_present=gt, train=True,
+                        guidance_tokens=guidance_tokens, guidance_rows=rows)
+            loss, metrics = loss_lib.dcp_loss(out, batch["label"], ignore_as_negative=config.train.ignore_as_negative)
             metrics = dict(metrics)
-            metrics["dcs_selected"] = jnp.mean(out["dcs_selected"].astype(jnp.float32))
-            metrics["dcs_dropped"] = jnp.mean(out["dcs_dropped"].astype(jnp.float32))
+            for key in ("dcs_selected", "dcs_dropped", "guidance_dropped"):
+                metrics[key] = jnp.mean(out[key].astype(jnp.float32))
             return loss, metrics
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
@@ -199,43 +163,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    config = ml_collections.ConfigDict(config.to_dict())  # private copy; placeholders resolved below
-    resolve_workdir_placeholders(config, workdir)
-    if ckpt_lib.is_primary():
-        ckpt_lib.save_config(workdir, config)
+    config = config_lib.resolve_workdir(config, workdir)
+    optim.parameter_rules(config)  # a bad rule fails before any work
+    with ckpt_lib.train_lock(workdir):
+        return _train(config, workdir, devices, stop_after_steps)
 
-    # --- Mesh ---
-    mesh = distributed.data_mesh() if devices is None else jax.sharding.Mesh(np.array(devices), ("data",))
-    data_sharding = distributed.batch_sharding(mesh)
-    repl = distributed.replicated(mesh)
-    num_devices = mesh.devices.size
-    if config.train.batch_size % num_devices:
+
+def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
+    if distributed.is_primary():
+        ckpt_lib.save_config(workdir, config)
+    mesh = distributed.make_mesh(config.mesh.fsdp, devices)
+    if config.train.batch_size % mesh.devices.size:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
-                         f"{num_devices} devices; use a multiple of {num_devices}.")
+                         f"{mesh.devices.size} devices; use a multiple of {mesh.devices.size}.")
 
     # --- Data ---
     maybe_write_synthetic(config, workdir)
     train_ds = datasets_lib.open_dataset(config.train.dataset, "train", config.train.data_root or None)
     class_names = list(train_ds.class_names)
-    if ckpt_lib.is_primary():
-        ckpt_lib.write_json(workdir / ckpt_lib.TRAIN_CLASSES_NAME, class_names)
+    if distributed.is_primary():
+        ckpt_lib.save_train_classes(workdir, class_names)
     train_iter = iter(pipeline.train_dataset(
         train_ds, crop_size=config.train.crop_size, global_batch_size=config.train.batch_size,
-        seed=config.seed, num_workers=config.train.num_workers,
-        skip_bad_samples=config.train.skip_bad_samples))
+        seed=config.seed, num_workers=config.train.num_workers, skip_bad_samples=config.train.skip_bad_samples))
 
-    # --- Model, text embeddings, optimizer ---
+    # --- CLIP, text embeddings, model, optimizer ---
     clip_path = clip_checkpoint_path(config, workdir, create=True)
-    model, clip_config = dcp.build_model_from_checkpoint(config, clip_path)
-    if ckpt_lib.is_primary():
-        segmenter.save_inference_assets(workdir, clip_path, clip_config)
+    clip_params, clip_config = clip_lib.load_clip_params(clip_path, image_size=config.clip.image_size)
+    if distributed.is_primary():
+        ckpt_lib.save_inference_assets(workdir, clip_path, clip_config)
     tokenizer = text_lib.load_tokenizer(clip_path)
-    text_embeds = text_lib.embed_vocabulary(model.clip, tokenizer, class_names, config.text.templates,
+    # The (frozen) template embeddings, from a copy of the pretrained CLIP on this host.
+    text_model = clip_lib.model_from_params(clip_config, clip_params, dcp.compute_dtype(config))
+    text_embeds = text_lib.embed_vocabulary(text_model, tokenizer, class_names, config.text.templates,
                                             batch_size=config.text.batch_size)
-    optimizer = make_optimizer(config, model)
+    del text_model
+    model = build.create_model(config, clip_config, mesh=mesh, clip_params=clip_params)
+    del clip_params
+    optimizer = optim.make_optimizer(config, model)
 
     # --- Resume ---
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINTS_DIR, keep=config.keep_checkpoints)
     start_step = 0
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -243,35 +211,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         start_step = int(meta["step"])
         _say(f"resumed from {checkpointer.directory / str(latest)} at step {start_step}")
 
-    # --- Shard and transfer ---
+    # --- Everything in its sharding ---
+    param_bytes = distributed.bytes_per_device(nnx.state(model, nnx.Param))
+    _say(f"parameters: {param_bytes / 2**20:.1f} MiB per device on a mesh of data={mesh.shape['data']} x "
+         f"fsdp={mesh.shape['fsdp']} devices")
     graphdef, state = nnx.split((model, optimizer))
-    state = jax.device_put(state, repl)
-    text_embeds = jax.device_put(jnp.asarray(text_embeds), repl)
-    train_step = make_train_step(config, graphdef, len(class_names))
-    schedule = learning_rate_schedule(config)
+    state_shardings = distributed.tree_shardings(state, mesh, config.mesh)
+    state = jax.device_put(state, state_shardings)
+    replicated = distributed.replicated(mesh)
+    text_embeds = distributed.put(text_embeds, replicated)
+    guidance_tokens = None
+    if dcp.reencodes_text(config):
+        context = config.model.guidance.prompt_tokens if config.model.guidance.prompt == "context" else 0
+        tokens = text_lib.guidance_tokens(tokenizer, class_names, num_context=context,
+                                          context_length=clip_config.text.max_position_embeddings)
+        guidance_tokens = tuple(distributed.put(a, replicated) for a in tokens)
+    train_step = make_train_step(config, graphdef, state_shardings, len(class_names))
+    schedule = optim.learning_rate_schedule(config)
+    data_sharding = distributed.batch_sharding(mesh)
 
     def save(step: int) -> None:
         nnx.update((model, optimizer), state)
         checkpointer.save(step, model=model, optimizer=optimizer, data_iter=train_iter,
                           meta={"step": step, "time": time.time()})
 
+    def evaluate(step: int, *, final: bool) -> dict:
+        nnx.update((model, optimizer), state)
+        return _evaluate(config, workdir, model, step, tokenizer, writer, final=final)
+
     # --- SIGTERM: save at the next step boundary and exit ---
     stop_requested = {"flag": False}
     previous_handler = None
-    if os.name == "posix" and _in_main_thread():
+    if os.name == "posix" and threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(flag=True))
 
     # --- Train loop ---
-    metrics_path = workdir / "metrics.jsonl"
+    writer = MetricWriter(workdir)
     progress = _progress(start_step, config.total_steps)
-    summary = {"start_step": start_step, "losses": {}}
+    summary = {"start_step": start_step, "losses": {}, "param_bytes_per_device": param_bytes}
     window_start, window_images = time.time(), 0
     step = start_step
     try:
         with jax.set_mesh(mesh):
             for step in range(start_step + 1, config.total_steps + 1):
                 batch = pipeline.make_global_batch(next(train_iter), data_sharding)
-                state, metrics = train_step(state, batch, text_embeds)
+                state, metrics = train_step(state, batch, text_embeds, guidance_tokens)
                 window_images += config.train.batch_size
                 progress.update(1)
                 is_last = step == config.total_steps
@@ -283,13 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             f"grad_norm={m['grad_norm']}). Stopped without saving; the last checkpoint "
                             "is intact. Lower optim.lr or check the data.")
                     now = time.time()
-                    m.update(step=step, lr=float(schedule(step - 1)),
-                             images_per_sec=window_images / max(now - window_start, 1e-9))
+                    m.update(lr=float(schedule(step - 1)), images_per_sec=window_images / max(now - window_start, 1e-9))
                     window_start, window_images = now, 0
                     summary["losses"][step] = m["loss"]
-                    if ckpt_lib.is_primary():
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps({"step": step, **{k: v for k, v in m.items() if k != "step"}}) + "\n")
+                    writer.write(step, m)
                     progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
                 stopping = stop_requested["flag"] or (
                     stop_after_steps is not None and step - start_step >= stop_after_steps)
@@ -301,64 +282,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     summary["stopped_early"] = True
                     break
                 if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-                    nnx.update((model, optimizer), state)
-                    _evaluate(config, workdir, model, step, clip_path)
+                    evaluate(step, final=False)
+        summary["step"] = step
+        if not summary.get("stopped_early"):
+            summary["eval"] = evaluate(config.total_steps, final=True)
     finally:
         progress.close()
         checkpointer.wait()
+        checkpointer.close()
+        writer.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-
-    summary["step"] = step
-    if not summary.get("stopped_early"):
-        nnx.update((model, optimizer), state)
-        summary["eval"] = _evaluate(config, workdir, model, config.total_steps, clip_path)
-    checkpointer.close()
     return summary
 
 
-def _evaluate(config, workdir: Path, model, step: int, clip_path: Path) -> dict:
-    if not config.eval.datasets:
+def _evaluate(config, workdir: Path, model, step: int, tokenizer, writer: MetricWriter, *, final: bool) -> dict:
+    """The periodic evaluation (eval.during_training) or the final table (eval.datasets)."""
+    specs = config.eval.datasets if final else config.eval.during_training
+    if not specs:
         return {}
     from dcp_jax import evaluate
-    return evaluate.evaluate_model(model, config, workdir=workdir, step=step, clip_path=clip_path)
+    from dcp_jax.segmenter import Segmenter
+    segmenter = Segmenter(model, config, tokenizer, train_classes=ckpt_lib.load_train_classes(workdir), step=step)
+    results = evaluate.evaluate_datasets(
+        segmenter, evaluate.parse_specs(specs), workdir=workdir, step=step, data_root=config.eval.data_root or None,
+        max_images=config.eval.max_images if final else config.eval.during_training_images,
+        command=f"dcp_jax.train ({'final' if final else 'periodic'} evaluation, step {step})",
+        out_dir=None if final else workdir / ckpt_lib.EVAL_DIR / "during_training")
+    for name, result in results.items():
+        writer.write(step, {f"{name}/mIoU": result["mIoU"]}, prefix="eval")
+    return results
 
 
 def _progress(start: int, total: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                disable=not ckpt_lib.is_primary())
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
+                disable=not distributed.is_primary())
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing dcp_jax.train defines no global absl flags.
-    config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "Training config file (configs/*.py[:args]); default: the CPU demo.",
-        lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, eval results.")
-    flags.mark_flag_as_required("workdir")
+def main(argv=None) -> int:
+    cmd = cli.Command("python -m dcp_jax.train", __doc__, argv, config=config_lib.config_file("demo"),
+                      config_help="training config file (configs/X.py[:ARGS]); default: the CPU demo")
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "run directory: config, checkpoints, metrics, evaluation results",
+                        flag_values=cmd.flags)
+    cmd.required("workdir")
+    args = cmd.parse()
 
+    def body():
+        distributed.initialize()
+        summary = train_and_evaluate(args.config, args.workdir)
+        if distributed.is_primary() and summary.get("eval"):
+            print(json.dumps({name: round(r["mIoU"], 2) for name, r in summary["eval"].items()}))
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    distributed.initialize()
-    summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    if ckpt_lib.is_primary() and summary.get("eval"):
-        print(json.dumps({name: round(r["mIoU"], 2) for name, r in summary["eval"].items()}))
+    return cmd.run(body)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    sys.exit(main())

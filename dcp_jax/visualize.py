@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dcp_jax import files
+
 MAX_8BIT_CLASSES = 255  # ids 0..254; 255 is the "unlabelled" value of 8-bit files
 MAX_16BIT_CLASSES = 65535  # ids 0..65534; 65535 is the "unlabelled" value of 16-bit files
 
@@ -29,8 +31,12 @@ def save_label_png(labels, path: str | os.PathLike, num_classes: int) -> None:
     if labels.size and (labels.min() < -1 or labels.max() >= num_classes):
         raise ValueError(f"label ids span [{labels.min()}, {labels.max()}]; expected -1 or [0, {num_classes})")
     dtype = np.uint8 if num_classes <= MAX_8BIT_CLASSES else np.uint16
-    stored = np.where(labels < 0, np.iinfo(dtype).max, labels).astype(dtype)
-    Image.fromarray(stored).save(path, format="PNG")
+    save_png(np.where(labels < 0, np.iinfo(dtype).max, labels).astype(dtype), path)
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write an image array (uint8 RGB / grayscale, uint16 grayscale) as a PNG, atomically."""
+    files.atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def load_label_png(path: str | os.PathLike) -> np.ndarray:

@@ -68,7 +68,8 @@ def _predicted(basetemp: Path, mode: str) -> Path:
     out_dir = basetemp / f"predict_{mode}"
     # classes.json is the dataset's class list (a JSON list), in label order.
     code = predict.main(["--workdir", str(workdir), "--image", str(data_dir / "images" / "val"),
-                         "--classes-file", str(data_dir / "classes.json"), "--out-dir", str(out_dir), "--mode", mode])
+                         "--classes-file", str(data_dir / "classes.json"), "--out-dir", str(out_dir),
+                         f"--config.eval.mode={mode}"])
     assert code == 0
     return out_dir
 
@@ -128,7 +129,8 @@ def results(run):
     for mode in ("whole", "slide"):
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            code = evaluate.main(["--workdir", str(workdir), "--datasets", f"folder:{data_dir}", "--mode", mode])
+            code = evaluate.main(["--workdir", str(workdir), f"--config.eval.datasets=folder:{data_dir}",
+                                  f"--config.eval.mode={mode}"])
         # Parsed now: later tests write eval/synth.json again.
         out[mode] = code, stdout.getvalue(), json.loads((workdir / "eval" / "synth.json").read_text())
     return out
@@ -148,8 +150,8 @@ def test_evaluate_writes_the_result_json_and_prints_the_table(run, results, mode
     assert result["mode"] == mode and result["num_images"] == 3 and result["step"] == 4  # the latest checkpoint
     assert result["zero_shot"] is False
     assert result["checkpoint"].endswith(str(Path("checkpoints") / "4"))
-    assert result["command"] == (f"python -m dcp_jax.evaluate --workdir {workdir} --datasets folder:{data_dir} "
-                                 f"--mode {mode}")
+    assert result["command"] == (f"python -m dcp_jax.evaluate --workdir {workdir} "
+                                 f"--config.eval.datasets=folder:{data_dir} --config.eval.mode={mode}")
     assert 0.0 <= result["mIoU"] <= 100.0 and 0.0 <= result["pixel_acc"] <= 100.0
     # per_class_iou: one entry per class, None exactly for the classes without ground truth in the 3 images.
     classes = dataset_classes(data_dir)
@@ -194,8 +196,9 @@ def test_evaluate_miou_equals_numpy_miou_from_predict_label_maps(run, results, m
 def test_subprocess_with_a_chosen_checkpoint(run):
     workdir, data_dir = run
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "dcp_jax.evaluate", "--workdir", str(workdir), "--datasets",
-                           f"folder:{data_dir}", "--mode", "whole", "--max-images", "2", "--checkpoint", "2"],
+    proc = subprocess.run([sys.executable, "-m", "dcp_jax.evaluate", "--workdir", str(workdir),
+                           f"--config.eval.datasets=folder:{data_dir}", "--config.eval.mode=whole",
+                           "--config.eval.max_images=2", "--checkpoint", "2"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((workdir / "eval" / "synth.json").read_text())
@@ -211,7 +214,8 @@ def test_zero_shot_baseline(run, tmp_path, capsys):
     workdir, data_dir = run
     out_dir = tmp_path / "zero_shot_run"
     code, out, err = run_evaluate(capsys, "--workdir", out_dir, "--zero-shot", workdir / "tiny_clip",
-                                  "--config", TINY_CONFIG, "--datasets", f"folder:{data_dir}", "--max-images", 1)
+                                  "--config", TINY_CONFIG, f"--config.eval.datasets=folder:{data_dir}",
+                                  "--config.eval.max_images=1")
     assert code == 0, err
     result = json.loads((out_dir / "eval" / "zero_shot" / "synth.json").read_text())  # never the trained results
     assert not (out_dir / "eval" / "synth.json").exists()
@@ -225,7 +229,7 @@ def test_zero_shot_baseline(run, tmp_path, capsys):
                                   "empty_datasets"])
 def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
     workdir, data_dir = run
-    args = ["--workdir", workdir, "--datasets", f"folder:{data_dir}"]
+    args = ["--workdir", workdir, f"--config.eval.datasets=folder:{data_dir}"]
     expected = {
         "bad_step": "--checkpoint 7: no such step",
         "no_checkpoints": "no checkpoints in workdir",
@@ -241,13 +245,12 @@ def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
     elif case == "not_a_workdir":
         args[1] = tmp_path
     elif case == "unknown_dataset":
-        args[3] = "ade9000"
+        args[2] = "--config.eval.datasets=ade9000"
     elif case == "empty_datasets":  # an explicit "" must not fall back to the config's (non-empty) datasets
-        args[3] = ""
-        args += ["--config", TINY_CONFIG]
+        args[2] = "--config.eval.datasets="
     code, out, err = run_evaluate(capsys, *args)
     assert code == 2
-    assert err.startswith("error: ") and expected in err, err
-    assert "Traceback" not in err
+    assert err.startswith("python -m dcp_jax.evaluate: error: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     if case == "bad_step":
         assert "[2, 4]" in err  # lists the available steps

@@ -26,8 +26,8 @@ from transformers import CLIPModel as HFCLIPModel
 from transformers import CLIPTokenizer
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import config as config_lib
-from dcp_jax import export, segmenter, train
+from dcp_jax import export, optim, train
+from dcp_jax.configs import tiny
 from dcp_jax import text as text_lib
 from dcp_jax.data.synthetic import write_synthetic_dataset
 from dcp_jax.models import clip as clip_lib
@@ -53,9 +53,10 @@ def is_head(path) -> bool:
 def workdir(tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_dataset(data, 8, 0, size=64)
-    c = config_lib.tiny_config()
+    c = tiny.get_config()
     c.train.dataset = f"folder:{data}"
     c.eval.datasets = ""
+    c.eval.during_training = ""
     c.total_steps = 1
     c.clip.image_size = TRAINED_SIZE  # grid 4: decoder window 4 still divides every decoder map
     c.clip.finetune = "none"  # these two halve the compile time; step 2 below changes the CLIP instead,
@@ -64,13 +65,13 @@ def workdir(tmp_path_factory):
     train.train_and_evaluate(c, w)
 
     # Step 2: the image tower perturbed, so its CLIP differs from both step 1 and the starting CLIP.
-    model, config, _ = segmenter.restore_model(w)
+    model, config, _, _ = ckpt_lib.restore_model(w)
     rng = np.random.default_rng(0)
     vision = nnx.state(model.clip.vision_model, nnx.Param)
     nnx.update(model.clip.vision_model, jax.tree.map(
         lambda x: x + rng.normal(0.0, 0.01, x.shape).astype(np.float32), vision))
     checkpointer = ckpt_lib.Checkpointer(w / "checkpoints")
-    checkpointer.save(2, model=model, optimizer=train.make_optimizer(config, model), data_iter=None,
+    checkpointer.save(2, model=model, optimizer=optim.make_optimizer(config, model), data_iter=None,
                       meta={"step": 2})
     checkpointer.wait()
     checkpointer.close()
@@ -79,7 +80,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workdir_model(workdir):
-    model, config, step = segmenter.restore_model(workdir)
+    model, config, step, _ = ckpt_lib.restore_model(workdir)
     assert step == 2
     return model
 
@@ -137,12 +138,12 @@ def test_export_files_and_layout(workdir, workdir_model, exported):
     m = workdir_model
     expect = {
         "alignment.cross_block.q_proj.weight": ("linear", (32, 32)),
-        "alignment.guidance_proj.weight": ("linear", (32, 65)),  # nn.Linear [out, in]
+        "alignment.guidance_proj.weight": ("linear", (32, m.clip_dim + 1)),  # nn.Linear [out, in]: [T_k; c_k]
         "alignment.cost_embed.weight": ("conv", (32, 1, 7, 7)),  # OIHW
         "decoder.layers.0.shallow_up.weight": ("conv_transpose", (64, 32, 2, 2)),  # [in, out, kh, kw]
         "decoder.layers.0.conv.norm1.weight": ("norm", (32,)),
         "decoder.layers.0.enhance.guidance_norm.bias": ("norm", (32,)),
-        "alignment.prompt": ("param", (m.clip_dim,)),
+        "alignment.prompt_tokens": ("param", (4, 32)),  # M guidance tokens of width d
     }
     for name, (kind, shape) in expect.items():
         assert (layout[name]["kind"], tuple(layout[name]["shape"])) == (kind, shape), name
@@ -234,9 +235,9 @@ def test_load_export_is_strict(exported, tmp_path):
     for name in ("config.json", "dcp_head_layout.json"):
         (damaged / name).write_bytes((exported / name).read_bytes())
     tensors = load_file(exported / "dcp_head.safetensors")
-    del tensors["alignment.prompt"]
+    del tensors["alignment.prompt_tokens"]
     save_file(tensors, str(damaged / "dcp_head.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing \(1\): alignment\.prompt"):
+    with pytest.raises(ValueError, match=r"missing \(1\): alignment\.prompt_tokens"):
         export.load_export(damaged)
 
 
@@ -365,9 +366,7 @@ def test_refuses_a_non_empty_out_unless_overwrite(workdir, exported, tmp_path, c
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit) as e:
-        export.main(["--workdir", str(workdir), "--out", str(out)])
-    assert e.value.code == 2
+    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
 
     # --overwrite replaces it; --checkpoint 1 selects step 1: same head, the unperturbed CLIP.
@@ -402,14 +401,18 @@ def test_failed_export_leaves_out_untouched(workdir, tmp_path, monkeypatch):
 
 def test_command_line_errors(workdir, tmp_path, capsys):
     def fails(*args) -> str:
-        with pytest.raises(SystemExit) as e:
-            export.main([str(a) for a in args])
-        assert e.value.code == 2
-        return capsys.readouterr().err
+        try:
+            code = export.main([str(a) for a in args])
+        except SystemExit as e:  # a usage error (absl flags)
+            code = e.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err
 
     out = tmp_path / "out"
-    assert "--workdir" in fails("--out", out)  # argparse: required
-    assert "does not exist" in fails("--workdir", tmp_path / "missing", "--out", out)
+    assert "--workdir" in fails("--out", out)  # required
+    assert "is not a dcp_jax workdir" in fails("--workdir", tmp_path / "missing", "--out", out)
     (tmp_path / "not_a_workdir").mkdir()
     assert "is not a dcp_jax workdir" in fails("--workdir", tmp_path / "not_a_workdir", "--out", out)
     err = fails("--workdir", workdir, "--out", out, "--checkpoint", "99")

@@ -167,18 +167,34 @@ def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
         args["--workdir"] = tmp_path
     code, _, err = run_predict(capsys, *[x for kv in args.items() for x in kv])
     assert code == 2
-    assert err.startswith("error: ") and expected in err, err
-    assert "Traceback" not in err
+    assert err.startswith("python -m dcp_jax.predict: error: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_model_is_required(run, tmp_path, capsys):
     _, data_dir = run
-    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
-        predict.main(["--image", str(data_dir / "images" / "val"), "--classes", "cat", "--out-dir", str(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    code, _, err = run_predict(capsys, "--image", data_dir / "images" / "val", "--classes", "cat",
+                               "--out-dir", tmp_path)
+    assert code == 2
     assert "give --workdir (a trained run) or --zero-shot CLIP_DIR" in err and "Traceback" not in err
+
+
+def test_a_corrupt_image_is_named_and_the_others_are_written(run, tmp_path, capsys):
+    workdir, data_dir = run
+    images = tmp_path / "images"
+    images.mkdir()
+    for stem in VAL_STEMS[:2]:
+        (images / f"{stem}.png").write_bytes((data_dir / "images" / "val" / f"{stem}.png").read_bytes())
+    broken = images / "broken.png"
+    broken.write_bytes((images / f"{VAL_STEMS[0]}.png").read_bytes()[:60])  # a truncated download
+    code, out, err = run_predict(capsys, "--workdir", workdir, "--image", images, "--classes-file",
+                                 data_dir / "classes.json", "--out-dir", tmp_path / "out")
+    assert code == 1
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(f"{stem}{suffix}" for stem in VAL_STEMS[:2]
+                             for suffix in ("_labels.png", "_overlay.png", ".json"))
+    assert err.count("error:") == 1 and str(broken) in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------------------------------

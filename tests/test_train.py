@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import config as config_lib
 from dcp_jax import train
+from dcp_jax.configs import demo, tiny
 from dcp_jax.data.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +29,18 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_run_config(data_dir, **overrides):
-    c = config_lib.tiny_config()
+    c = tiny.get_config()
     c.train.dataset = f"folder:{data_dir}"
     c.eval.datasets = ""
+    c.eval.during_training = ""
     c.train.batch_size = 4
     c.total_steps = 4
     c.log_every_steps = 1
     c.checkpoint_every_steps = 100
     c.optim.lr = 1e-3
     c.optim.grad_clip_norm = 1.0
-    return config_lib.apply_overrides(c, overrides)
+    c.update_from_flattened_dict(overrides)
+    return c
 
 
 def losses(summary):
@@ -98,13 +100,13 @@ def test_a_damaged_checkpoint_is_reported_not_replaced(data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(data_dir, tmp_path, monkeypatch):
-    real_loss = train.dcp.dcp_loss
+    real_loss = train.loss_lib.dcp_loss
 
     def poisoned(*args, **kwargs):
         loss, metrics = real_loss(*args, **kwargs)
         return loss * np.float32("nan"), metrics
 
-    monkeypatch.setattr(train.dcp, "dcp_loss", poisoned)
+    monkeypatch.setattr(train.loss_lib, "dcp_loss", poisoned)
     with pytest.raises(train.NonFiniteLossError, match="at step 1"):
         train.train_and_evaluate(tiny_run_config(data_dir), tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
@@ -116,7 +118,7 @@ def test_batch_not_divisible_by_devices_is_an_error(data_dir, tmp_path):
 
 
 def test_demo_config_runs_a_few_steps_and_evaluates(tmp_path):
-    config = config_lib.demo_config()
+    config = demo.get_config()
     config.total_steps = 2
     config.train.synthetic_images = 12
     config.eval.max_images = 2
@@ -143,11 +145,12 @@ def _train_cmd(workdir, data_dir, *extra):
             "--config.log_every_steps=1", *extra]
 
 
-def test_config_typo_is_rejected(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dcp_jax.train", "--workdir", str(tmp_path),
-                           "--config.train.batchsize=2"], capture_output=True, text=True, env=_env(), timeout=120)
-    assert proc.returncode != 0
-    assert "batchsize" in proc.stderr
+def test_config_typo_is_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--workdir", str(tmp_path), "--config.train.batchsize=2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "batchsize" in err and 'Did you mean "batch_size"' in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -198,33 +201,142 @@ def test_optimizer_lr_groups_weight_decay_and_freezing(tmp_path):
     plus decoupled weight decay except on norm layers; frozen params are not in the optimizer."""
     from flax import nnx
 
-    from dcp_jax.models import dcp
+    from dcp_jax import optim
+    from dcp_jax.models import build
     from dcp_jax.models.tiny_clip import write_tiny_clip
+    from dcp_jax.rules import flat_params
 
-    config = config_lib.tiny_config()
+    config = tiny.get_config()
     config.optim.schedule = "constant"
     config.optim.grad_clip_norm = 0.0  # unclipped, so Adam's first step is exactly lr-sized
+    config.clip.text_finetune = True
     clip_dir = write_tiny_clip(tmp_path / "clip", config.clip.tiny.to_dict(), seed=0)
-    model, _ = dcp.build_model_from_checkpoint(config, clip_dir)
-    optimizer = train.make_optimizer(config, model)
-    trainable = dcp.trainable_filter(config)
-    before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    model, _, _ = build.model_from_clip_checkpoint(config, clip_dir)
+    optimizer = optim.make_optimizer(config, model)
+    trainable = optim.trainable(config)
+    before = {p: np.asarray(v[...]) for p, v in flat_params(model)}
     grads = jax.tree.map(jax.numpy.ones_like, nnx.state(model, trainable))
     optimizer.update(model, grads)
-    after = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    after = {p: np.asarray(v[...]) for p, v in flat_params(model)}
     lr, wd = config.optim.lr, config.optim.weight_decay
-    trained = {p for p, _ in nnx.to_flat_state(nnx.state(model, trainable))}
-    checked = {"head": 0, "clip": 0, "norm": 0}
-    for path, old in before.items():
-        name = "/".join(map(str, path))
-        if path not in trained:
-            np.testing.assert_array_equal(after[path], old, err_msg=name)  # frozen
+    trained = {p for p, _ in flat_params(nnx.state(model, trainable))}
+    checked = {"head": 0, "clip": 0, "norm": 0, "text": 0}
+    for name, old in before.items():
+        if name not in trained:
+            np.testing.assert_array_equal(after[name], old, err_msg=name)  # frozen
             continue
         group_lr = lr * (config.optim.clip_lr_mult if name.startswith("clip/") else 1.0)
         decay = 0.0 if "norm" in name.split("/")[-2] else wd
         # Adam's first step with a constant gradient is -lr (bias-corrected m / sqrt(v) = 1).
-        np.testing.assert_allclose(after[path], old - group_lr * (1.0 + decay * old), rtol=1e-4, atol=1e-7,
+        np.testing.assert_allclose(after[name], old - group_lr * (1.0 + decay * old), rtol=1e-4, atol=1e-7,
                                    err_msg=name)
-        checked["norm" if not decay else "clip" if name.startswith("clip/") else "head"] += 1
+        kind = ("norm" if not decay else "text" if name.startswith("clip/text_model") else
+                "clip" if name.startswith("clip/") else "head")
+        checked[kind] += 1
     assert all(checked.values()), checked
-    assert not any(p[0] == "clip" and p[1] == "text_model" for p in trained)
+    assert {p for p in trained if p.startswith("clip/text")} == {
+        f"clip/text_model/encoder/layers/{i}/self_attn/{proj}/{leaf}" for i in range(2)
+        for proj in ("q_proj", "v_proj") for leaf in ("kernel", "bias")}
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP, the workdir lock, TensorBoard, training-time evaluation
+# --------------------------------------------------------------------------------------------------
+
+FSDP = {"mesh.fsdp": 4, "mesh.min_shard_size": 0}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fsdp")
+    return workdir, train.train_and_evaluate(tiny_run_config(data_dir, **FSDP), workdir)
+
+
+def test_fsdp_gives_the_same_losses_with_a_fraction_of_the_memory(four_device_run, fsdp_run):
+    _, replicated = four_device_run
+    _, sharded = fsdp_run
+    np.testing.assert_allclose(losses(sharded), losses(replicated), rtol=1e-4)
+    assert sharded["param_bytes_per_device"] <= 0.3 * replicated["param_bytes_per_device"]
+
+
+def _evaluate_in_subprocess(workdir, data_dir, devices, *extra):
+    proc = subprocess.run([sys.executable, "-m", "dcp_jax.evaluate", "--workdir", str(workdir),
+                           f"--config.eval.datasets=folder:{data_dir}", "--config.eval.max_images=2", *extra],
+                          capture_output=True, text=True, timeout=300,
+                          env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / "eval" / "data.json").read_text())
+
+
+def test_a_sharded_checkpoint_evaluates_on_one_device_and_the_reverse(data_dir, fsdp_run, tmp_path):
+    workdir, _ = fsdp_run  # saved under fsdp=4 on 4 devices
+    one = _evaluate_in_subprocess(workdir, data_dir, 1, "--config.mesh.fsdp=1")
+    assert one["num_images"] == 2 and 0 <= one["mIoU"] <= 100
+    # Saved on 1 device, restored with fsdp=4 over 4 devices, same labels.
+    single = tmp_path / "single"
+    train.train_and_evaluate(tiny_run_config(data_dir, total_steps=1), single, devices=jax.devices()[:1])
+    a = _evaluate_in_subprocess(single, data_dir, 1)
+    b = _evaluate_in_subprocess(single, data_dir, 4, "--config.mesh.fsdp=4", "--config.mesh.min_shard_size=0")
+    as_array = lambda r: np.array([np.nan if v is None else v for v in r["per_class_iou"]])  # noqa: E731
+    np.testing.assert_allclose(as_array(a), as_array(b), atol=1e-9)
+    assert a["mIoU"] == pytest.approx(b["mIoU"], abs=1e-9)
+
+
+def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(data_dir, tmp_path):
+    with ckpt_lib.train_lock(tmp_path):
+        with pytest.raises(ckpt_lib.WorkdirLockedError, match=f"pid {os.getpid()}"):
+            train.train_and_evaluate(tiny_run_config(data_dir, total_steps=1), tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+                               str(tmp_path / ckpt_lib.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    with ckpt_lib.train_lock(tmp_path):  # the kernel released the dead process's lock
+        pass
+
+
+def _tensorboard_tags(directory):
+    """Scalar tags in TensorBoard event files (TFRecord framing, Event protos from tensorboardX)."""
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for path in directory.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            length = int.from_bytes(data[pos:pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            pos += 12 + length + 4
+    return tags
+
+
+def test_periodic_evaluation_compiles_nothing_new_and_metrics_reach_tensorboard(data_dir, tmp_path, monkeypatch):
+    from jax import monitoring
+
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    per_round = []
+    real = train._evaluate
+
+    def counted(*args, **kwargs):
+        before = len(compiles)
+        result = real(*args, **kwargs)
+        per_round.append(len(compiles) - before)
+        return result
+
+    monkeypatch.setattr(train, "_evaluate", counted)
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # count real compiles, not cache hits
+    try:
+        config = tiny_run_config(data_dir, total_steps=4, eval_every_steps=1, **{
+            "eval.during_training": f"folder:{data_dir}", "eval.during_training_images": 2, "eval.num_slots": 4})
+        train.train_and_evaluate(config, tmp_path)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+    assert len(per_round) == 4 and per_round[0] > 0  # rounds at steps 1, 2, 3, and the (empty) final table
+    assert per_round[1:] == [0, 0, 0], per_round
+    assert (tmp_path / "eval" / "during_training" / "data.json").exists()
+    tags = _tensorboard_tags(tmp_path / "tensorboard")
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/data/mIoU"} <= tags

@@ -2,7 +2,10 @@
 
 Cost volume between the dense CLIP features and the K slot classes' P template embeddings, a 7x7
 conv per slot (P -> d), then two attention branches:
-- cross-attention (CA): visual tokens attend to the K slots' textual guidance (invalid slots masked);
+- cross-attention (CA): visual tokens attend to the K slots' textual guidance (invalid slots masked)
+  and, with `guidance.prompt = "tokens"`, to M learnable guidance tokens that are never masked, so a
+  patch can attend to "none of these classes" (a prompt that is not a constant: it is a key/value of
+  its own, where a vector concatenated to every slot's input would only add a bias);
 - self-attention (SA): per slot, attention over the grid positions of concat(cost feature, refined
   visual feature), added back onto the cost feature.
 Invalid slots never reach a valid one: CA masks them (and zeroes their guidance so even NaN garbage
@@ -20,6 +23,7 @@ from flax import nnx
 from dcp_jax.models.selection import l2_normalize
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default, so exported weights behave the same
+PROMPTS = ("tokens", "context", "none")  # config.model.guidance.prompt (Table V)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, bias: jax.Array | None = None) -> jax.Array:
@@ -66,10 +70,17 @@ class CrossAttentionBlock(nnx.Module):
         self.mlp = MLP(dim, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, guidance: jax.Array, slot_valid: jax.Array) -> jax.Array:
-        """tokens [B,N,d], guidance [B,K,d], slot_valid [B,K] -> refined tokens [B,N,d]."""
+    def __call__(self, tokens: jax.Array, guidance: jax.Array, slot_valid: jax.Array,
+                 prompt: jax.Array | None = None) -> jax.Array:
+        """tokens [B,N,d], guidance [B,K,d], slot_valid [B,K], prompt [M,d] (always attended) ->
+        refined tokens [B,N,d]."""
         guidance = jnp.where(slot_valid[..., None], guidance, 0)
-        bias = jnp.where(slot_valid, 0.0, -1e9).astype(jnp.float32)[:, None, None, :]  # [B,1,1,K]
+        if prompt is not None:
+            b, m = guidance.shape[0], prompt.shape[0]
+            guidance = jnp.concatenate([guidance, jnp.broadcast_to(prompt.astype(guidance.dtype),
+                                                                   (b, m, prompt.shape[1]))], axis=1)
+            slot_valid = jnp.concatenate([slot_valid, jnp.ones((b, m), bool)], axis=1)
+        bias = jnp.where(slot_valid, 0.0, -1e9).astype(jnp.float32)[:, None, None, :]  # [B,1,1,K(+M)]
         attended = attention(self.q_proj(tokens), self.k_proj(guidance), self.v_proj(guidance), self.num_heads, bias)
         x = self.norm1(tokens + self.out_proj(attended))
         return self.norm2(x + self.mlp(x))
@@ -117,7 +128,8 @@ class TextGuidedAlignment(nnx.Module):
         num_heads: int,
         cross_attention: bool = True,
         self_attention: bool = True,
-        guidance_prompt: bool = True,
+        guidance_prompt: str = "tokens",
+        prompt_tokens: int = 4,
         guidance_cls_logit: bool = True,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -125,7 +137,8 @@ class TextGuidedAlignment(nnx.Module):
         self.num_templates = num_templates
         self.cross_attention = cross_attention
         self.self_attention = self_attention
-        self.guidance_prompt = guidance_prompt
+        if guidance_prompt not in PROMPTS:
+            raise ValueError(f"config.model.guidance.prompt={guidance_prompt!r}: expected one of {PROMPTS}")
         self.guidance_cls_logit = guidance_cls_logit
         # Cost embedding: per slot, Conv7x7 over the P template channels (CAT-Seg conv1, no activation).
         self.cost_embed = nnx.Conv(num_templates, hidden_dim, (7, 7), padding=3, dtype=dtype, rngs=rngs)
@@ -133,9 +146,10 @@ class TextGuidedAlignment(nnx.Module):
             # Visual features Fv = ReLU(Conv3x3(dense)) (CAT-Seg's appearance-guidance projection).
             self.visual_proj = nnx.Conv(clip_dim, hidden_dim, (3, 3), padding=1, dtype=dtype, rngs=rngs)
         if cross_attention:
-            if guidance_prompt:
-                self.prompt = nnx.Param(jax.random.normal(rngs.params(), (clip_dim,), jnp.float32) * 0.02)
-            guidance_in = clip_dim * (2 if guidance_prompt else 1) + (1 if guidance_cls_logit else 0)
+            if guidance_prompt == "tokens":  # (with "context" the prompt lives in the text encoder)
+                self.prompt_tokens = nnx.Param(
+                    jax.random.normal(rngs.params(), (prompt_tokens, hidden_dim), jnp.float32) * 0.02)
+            guidance_in = clip_dim + (1 if guidance_cls_logit else 0)
             self.guidance_proj = nnx.Linear(guidance_in, hidden_dim, dtype=dtype, rngs=rngs)
             self.cross_block = CrossAttentionBlock(hidden_dim, num_heads, dtype=dtype, rngs=rngs)
         if cross_attention or self_attention:
@@ -143,28 +157,27 @@ class TextGuidedAlignment(nnx.Module):
                 hidden_dim, num_heads, attend=self_attention, dtype=dtype, rngs=rngs
             )
 
-    def guidance(self, slot_text_bar: jax.Array, slot_logit: jax.Array) -> jax.Array:
-        """g_k = Linear([T_bar_k ; prompt ; l_k]) -> [B,K,d]."""
-        parts = [slot_text_bar]
-        if self.guidance_prompt:
-            parts.append(jnp.broadcast_to(self.prompt[...].astype(slot_text_bar.dtype), slot_text_bar.shape))
+    def guidance(self, slot_guidance_text: jax.Array, slot_cos: jax.Array) -> jax.Array:
+        """g_k = Linear([T_k ; c_k]) -> [B,K,d]; c_k = cos(cls, T_bar_k) is bounded in [-1, 1]."""
+        parts = [slot_guidance_text]
         if self.guidance_cls_logit:
-            parts.append(slot_logit[..., None].astype(slot_text_bar.dtype))
+            parts.append(slot_cos[..., None].astype(slot_guidance_text.dtype))
         return self.guidance_proj(jnp.concatenate(parts, axis=-1))
 
     def __call__(
         self,
         dense: jax.Array,
         slot_text: jax.Array,
-        slot_text_bar: jax.Array,
-        slot_logit: jax.Array,
+        slot_guidance_text: jax.Array,
+        slot_cos: jax.Array,
         slot_valid: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         """Align the K slots with the image.
 
         dense [B,g,g,D] joint-space patch features; slot_text [B,K,P,D] unit template embeddings of
-        each slot's class; slot_text_bar [B,K,D]; slot_logit [B,K] = s*cos(cls, T_bar_k);
-        slot_valid [B,K]. Returns (cost features [B,K,g,g,d], raw cost volume corr [B,K,g,g,P]).
+        each slot's class (the cost volume); slot_guidance_text [B,K,D] the guidance's text embedding
+        (T_bar_k, or the re-encoded one with a learnt context / text fine-tuning); slot_cos [B,K] =
+        cos(cls, T_bar_k); slot_valid [B,K]. Returns (cost features [B,K,g,g,d], corr [B,K,g,g,P]).
         """
         b, gh, gw, _ = dense.shape
         k, p = slot_text.shape[1], slot_text.shape[2]
@@ -179,6 +192,7 @@ class TextGuidedAlignment(nnx.Module):
             return cost.reshape(b, k, gh, gw, -1), corr
         visual = jax.nn.relu(self.visual_proj(dense)).reshape(b, gh * gw, -1)
         if self.cross_attention:
-            visual = self.cross_block(visual, self.guidance(slot_text_bar, slot_logit), slot_valid)
+            prompt = self.prompt_tokens[...] if hasattr(self, "prompt_tokens") else None
+            visual = self.cross_block(visual, self.guidance(slot_guidance_text, slot_cos), slot_valid, prompt)
         cost = self.self_block(cost, visual)
         return cost.reshape(b, k, gh, gw, -1), corr

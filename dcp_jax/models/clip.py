@@ -11,7 +11,6 @@ Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators).
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import os
 from pathlib import Path
@@ -136,31 +135,25 @@ def _activation(name: str):
     return _ACTIVATIONS[name]
 
 
-# While set, initializers return ShapeDtypeStructs: `abstract_model` builds the tree without tracing random
-# inits (nnx.eval_shape is quadratic in the number of variables: ~7 s for ViT-B/16, far more for L/14).
-_SHAPES_ONLY = contextvars.ContextVar("clip_shapes_only", default=False)
+# HF CLIP's initialisation (CLIPPreTrainedModel._init_weights), so a random CLIP has well-scaled
+# activations: kernels N(0, 1/fan_in), token/position embeddings N(0, 0.02), LayerNorms 1 / 0.
+_KERNEL = nnx.initializers.lecun_normal()
+_EMBED = nnx.initializers.normal(0.02)
+_ZEROS, _ONES = nnx.initializers.zeros, nnx.initializers.ones
+
+# OpenAI CLIP's pixel statistics (RGB in 0..1); CAT-Seg uses the same values x 255.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _init(base):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.ShapeDtypeStruct(tuple(shape), dtype) if _SHAPES_ONLY.get() else base(key, shape, dtype)
-    return init
-
-
-_NORMAL, _ZEROS, _ONES = (_init(nnx.initializers.normal(0.02)), _init(nnx.initializers.zeros),
-                          _init(nnx.initializers.ones))
-
-
-class _NoRngs:
-    """Stands in for nnx.Rngs while building an abstract model: shape-only initializers ignore their key."""
-
-    def __getattr__(self, stream):
-        return lambda: None
+def normalize_pixels(images: jax.Array) -> jax.Array:
+    """RGB in 0..255 (uint8 or float) -> CLIP's normalised input, float32."""
+    return (jnp.asarray(images, jnp.float32) / 255.0 - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
 
 
 def _linear(n_in, n_out, dtype, rngs, use_bias=True):
     return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=_NORMAL, bias_init=_ZEROS, rngs=rngs)
+                      kernel_init=_KERNEL, bias_init=_ZEROS, rngs=rngs)
 
 
 def _layer_norm(width, eps, dtype, rngs):
@@ -243,10 +236,10 @@ class CLIPVisionEmbeddings(nnx.Module):
         w, p = cfg.hidden_size, cfg.patch_size
         self.patch_embedding = nnx.Conv(cfg.num_channels, w, kernel_size=(p, p), strides=(p, p), padding="VALID",
                                         use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                                        kernel_init=_NORMAL, rngs=rngs)
-        self.class_embedding = nnx.Param(_NORMAL(rngs.params(), (w,), jnp.float32))
+                                        kernel_init=_KERNEL, rngs=rngs)
+        self.class_embedding = nnx.Param(nnx.initializers.normal(w**-0.5)(rngs.params(), (w,), jnp.float32))
         self.position_embedding = nnx.Embed(cfg.num_positions, w, dtype=dtype, param_dtype=jnp.float32,
-                                            embedding_init=_NORMAL, rngs=rngs)
+                                            embedding_init=_EMBED, rngs=rngs)
         self.dtype = dtype
 
     def __call__(self, pixel_values):
@@ -268,9 +261,9 @@ class CLIPVisionTransformer(nnx.Module):
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
         self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-                                         embedding_init=_NORMAL, rngs=rngs)
+                                         embedding_init=_EMBED, rngs=rngs)
         self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
-                                            param_dtype=jnp.float32, embedding_init=_NORMAL, rngs=rngs)
+                                            param_dtype=jnp.float32, embedding_init=_EMBED, rngs=rngs)
 
 
 class CLIPTextTransformer(nnx.Module):
@@ -295,8 +288,7 @@ class CLIPModel(nnx.Module):
         self.vision_model = CLIPVisionTransformer(config.vision, dtype=dtype, rngs=rngs)
         self.visual_projection = _linear(config.vision.hidden_size, config.projection_dim, dtype, rngs, use_bias=False)
         self.text_projection = _linear(config.text.hidden_size, config.projection_dim, dtype, rngs, use_bias=False)
-        log_scale = _init(lambda key, shape, dtype: jnp.full(shape, config.logit_scale_init_value, dtype))
-        self.logit_scale = nnx.Param(log_scale(None, (), jnp.float32))  # log of the CLIP temperature
+        self.logit_scale = nnx.Param(jnp.full((), config.logit_scale_init_value, jnp.float32))  # log temperature
 
     # ---------------------------------------------------------------- image tower
     def encode_image(self, pixel_values, *, layers: Sequence[int] = (), dense_mode: str = "catseg"):
@@ -362,14 +354,21 @@ class CLIPModel(nnx.Module):
         return self.visual_projection(vm.post_layernorm(x[:, 0])).astype(jnp.float32)
 
     # ---------------------------------------------------------------- text tower
-    def encode_text_tokens(self, input_ids, attention_mask=None):
-        """Final-LayerNormed text tokens [B,T,W] (causal + padding mask), before pooling and projection."""
+    def encode_text_tokens(self, input_ids, attention_mask=None, context=None):
+        """Final-LayerNormed text tokens [B,T,W] (causal + padding mask), before pooling and projection.
+
+        context [M,W]: learnt token embeddings that replace positions 1..M (after the start token;
+        CoOp / CAT-Seg's text prompt), for input ids that hold M placeholder tokens there.
+        """
         tcfg = self.config.text
         t = input_ids.shape[-1]
         if t > tcfg.max_position_embeddings:
             raise ValueError(f"input_ids have length {t} > max_position_embeddings={tcfg.max_position_embeddings}")
         tm = self.text_model
         x = tm.embeddings.token_embedding(input_ids)
+        if context is not None:
+            m = context.shape[0]
+            x = x.at[:, 1:1 + m].set(jnp.broadcast_to(context.astype(x.dtype), (x.shape[0], m, x.shape[-1])))
         x = x + tm.embeddings.position_embedding.embedding[...][:t].astype(self.dtype)[None]
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
         if attention_mask is not None:
@@ -378,14 +377,14 @@ class CLIPModel(nnx.Module):
             x, _ = block(x, mask)
         return tm.final_layer_norm(x)
 
-    def get_text_features(self, input_ids, attention_mask=None):
+    def get_text_features(self, input_ids, attention_mask=None, context=None):
         """Projected, un-normalised text embedding [B,D] (HF `CLIPModel.get_text_features`).
 
         Pools at the EOT token: argmax(input_ids) for legacy configs with eos_token_id == 2 (OpenAI behaviour,
-        EOT has the largest id), else the first position equal to eos_token_id.
+        EOT has the largest id), else the first position equal to eos_token_id. `context`: see encode_text_tokens.
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
-        x = self.encode_text_tokens(input_ids, attention_mask)
+        x = self.encode_text_tokens(input_ids, attention_mask, context)
         eos = self.config.text.eos_token_id
         pos = jnp.argmax(input_ids, axis=-1) if eos == 2 else jnp.argmax(input_ids == eos, axis=-1)
         pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
@@ -397,13 +396,9 @@ class CLIPModel(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def abstract_model(config: CLIPConfig, dtype=jnp.float32) -> CLIPModel:
+def abstract_clip(config: CLIPConfig, dtype=jnp.float32) -> CLIPModel:
     """A CLIPModel whose params are ShapeDtypeStructs (nothing allocated or initialised)."""
-    token = _SHAPES_ONLY.set(True)
-    try:
-        return CLIPModel(config, dtype=dtype, rngs=_NoRngs())
-    finally:
-        _SHAPES_ONLY.reset(token)
+    return nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def expected_param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
@@ -414,7 +409,7 @@ def expected_param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
 def model_from_params(config: CLIPConfig, params: dict[str, np.ndarray], dtype=jnp.float32) -> CLIPModel:
     """Build a CLIPModel from flat params (our names). Strict: names and shapes must match the config exactly."""
     clip_convert.check_params(params, expected_param_shapes(config), what="the CLIP config")
-    graphdef, state = nnx.split(abstract_model(config, dtype))
+    graphdef, state = nnx.split(abstract_clip(config, dtype))
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         var.set_value(jnp.asarray(params["/".join(map(str, path))], jnp.float32))
@@ -427,19 +422,14 @@ def model_params(model: CLIPModel) -> dict[str, np.ndarray]:
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def load_clip(path: str | os.PathLike, image_size: int | None = None,
-              dtype=jnp.float32) -> tuple[CLIPModel, CLIPConfig]:
-    """Load a CLIP checkpoint into a CLIPModel.
+def load_clip_params(path: str | os.PathLike, image_size: int | None = None) -> tuple[dict[str, np.ndarray], CLIPConfig]:
+    """Read a CLIP checkpoint as host arrays: (flat float32 params with our names, config).
 
     Args:
       path: an HF checkpoint directory (config.json + model.safetensors | pytorch_model.bin | flax_model.msgpack),
         or an OpenAI `.pt` file (TorchScript archive or a plain state dict; its config is inferred from shapes).
       image_size: input resolution to run at; the vision position embedding is resized bicubically
         (PyTorch semantics) and the returned config carries the new image_size.
-      dtype: compute dtype. Params are float32.
-
-    Returns:
-      (model, config).
     """
     params, config = clip_convert.read_checkpoint(path, CLIPConfig)
     if image_size is not None and int(image_size) != config.vision.image_size:
@@ -449,6 +439,16 @@ def load_clip(path: str | os.PathLike, image_size: int | None = None,
         key = clip_convert.VISION_POSEMB
         params[key] = clip_convert.resize_posemb(params[key], image_size // config.vision.patch_size)
         config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
+    return params, config
+
+
+def load_clip(path: str | os.PathLike, image_size: int | None = None,
+              dtype=jnp.float32) -> tuple[CLIPModel, CLIPConfig]:
+    """Load a CLIP checkpoint into a CLIPModel on the default device: (model, config).
+
+    See `load_clip_params` for the arguments; `dtype` is the compute dtype (params are float32).
+    """
+    params, config = load_clip_params(path, image_size)
     return model_from_params(config, params, dtype), config
 
 
@@ -463,5 +463,5 @@ def save_hf_checkpoint(model: CLIPModel, config: CLIPConfig, out_dir: str | os.P
     return clip_convert.write_hf_checkpoint(params, config.to_hf(), out_dir)
 
 
-__all__ = ["CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig", "expected_param_shapes", "load_clip",
-           "model_from_params", "model_params", "save_hf_checkpoint"]
+__all__ = ["CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig", "abstract_clip", "expected_param_shapes",
+           "load_clip", "load_clip_params", "model_from_params", "model_params", "normalize_pixels", "save_hf_checkpoint"]

@@ -1,39 +1,34 @@
 """DCP-CLIP: CLIP + Dynamic Category Selection + Text-Guided Alignment + Spatial Enhancement Decoder
 (+ Tag Validation at inference). MODEL.md sections 0-5.
 
-Forward (all static shapes; K slots fixed per call):
-  images [B,S,S,3] 0..255 -> CLIP-normalise, resize to clip.image_size -> CLIP image tower
-  -> DCS picks K slot classes from the vocabulary embeddings T [C,P,D]
-  -> TGA (cost volume + CA/SA) -> SED (Swin blocks + upsampling) -> logits [B,K,g*2^L,g*2^L]
-  -> (inference) TV rewrites slot_class for unseen classes.
-Only DCS (one matmul) and TV (a [B,K,C] similarity) touch all C classes.
+The forward in stages (every shape static; K slots per call):
+  encode:   images [B,S,S,3] 0..255 -> CLIP features (cls, dense, shallow layers, last attention)
+  select:   DCS ranks the vocabulary (text embeddings T [C,P,D]) into K slots per image
+  decode:   TGA (cost volume + CA/SA) -> SED (Swin blocks + upsampling) -> logits [B,K,h,w]
+  validate: (inference) TV rewrites slot_class for unseen classes
+`__call__` chains them (training, tests); inference calls the stages itself so that the head runs
+on as few slots as the images need (dcp_jax/forward.py). Only DCS (one matmul) and TV (a [B,K,C]
+similarity) touch all C classes.
+
+The textual guidance of each slot is a text embedding of its class: T_bar (the cached template
+mean) by default, or, with `guidance.prompt = "context"` and/or `clip.text_finetune`, the class
+re-encoded by the text tower (single template, learnt context vectors after the start token).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from flax import nnx
 
 from dcp_jax.models import selection
 from dcp_jax.models.alignment import TextGuidedAlignment
-from dcp_jax.models.clip import CLIPConfig, CLIPModel, load_clip
+from dcp_jax.models.clip import CLIPConfig, CLIPModel, normalize_pixels
 from dcp_jax.models.decoder import SpatialEnhancementDecoder
 from dcp_jax.models.tag_validation import validate_tags
 
 ConfigDict = ml_collections.ConfigDict
-
-# CAT-Seg's pixel statistics (0..255 RGB), i.e. OpenAI CLIP's mean/std x 255.
-CLIP_MEAN = (122.7709383, 116.7460125, 104.09373615)
-CLIP_STD = (68.5005327, 66.6321579, 70.32316305)
 NUM_TEMPLATES = {"imagenet80": 80, "single": 1}
 
 
@@ -53,6 +48,11 @@ def compute_dtype(config: ConfigDict):
     return jnp.dtype(name)
 
 
+def reencodes_text(config: ConfigDict) -> bool:
+    """Whether the guidance text is re-encoded by the text tower (a learnt context or text fine-tuning)."""
+    return config.model.guidance.prompt == "context" or bool(config.clip.get("text_finetune", False))
+
+
 def _check_config(config: ConfigDict, clip_config: CLIPConfig) -> None:
     """Fail early, naming the config key, on combinations the model cannot build."""
     vis = clip_config.vision
@@ -64,6 +64,9 @@ def _check_config(config: ConfigDict, clip_config: CLIPConfig) -> None:
     m = config.model
     if m.hidden_dim % m.num_heads:
         raise ValueError(f"config.model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}")
+    if m.guidance.prompt != "none" and m.guidance.prompt_tokens < 1:
+        raise ValueError(f"config.model.guidance.prompt_tokens={m.guidance.prompt_tokens}: must be >= 1 "
+                         f"with guidance.prompt={m.guidance.prompt!r}")
     dec = m.decoder
     layers = tuple(config.clip.guidance_layers)
     bad = [i for i in layers if not 0 <= i < vis.num_hidden_layers]
@@ -88,38 +91,41 @@ def _check_config(config: ConfigDict, clip_config: CLIPConfig) -> None:
                 )
 
 
+class FrozenTextQV(nnx.Module):
+    """A copy of the text tower's q/v projections (filled from the CLIP checkpoint, never trained)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        w = cfg.hidden_size
+        self.layers = nnx.List([nnx.Dict(q_proj=nnx.Linear(w, w, rngs=rngs), v_proj=nnx.Linear(w, w, rngs=rngs))
+                                for _ in range(cfg.num_hidden_layers)])
+
+
 class DCPCLIP(nnx.Module):
     """The DCP-CLIP model. `self.clip` is the CLIPModel (param paths `clip/vision_model/...`)."""
 
-    def __init__(
-        self,
-        config: ConfigDict,
-        clip_config: CLIPConfig,
-        *,
-        rngs: nnx.Rngs,
-        clip_model: CLIPModel | None = None,
-    ):
-        """Build from the run config and the CLIP architecture; `clip_model` reuses loaded CLIP weights."""
+    def __init__(self, config: ConfigDict, clip_config: CLIPConfig, *, rngs: nnx.Rngs):
         _check_config(config, clip_config)
         dtype = compute_dtype(config)
         m = config.model
         self.dtype = dtype
         self.image_size = int(config.clip.image_size)
-        self.grid = clip_config.vision.grid_size
         self.guidance_layers = tuple(int(i) for i in config.clip.guidance_layers)
         self.dense_mode = str(config.clip.dense_mode)
         self.theta = float(m.dcs.theta)
-        self.include_gt = bool(m.dcs.include_gt)
         self.tv_enabled = bool(m.tv.enabled)
         self.tv_k = int(m.tv.k)
         self.num_templates = num_templates(config)
         self.clip_dim = clip_config.projection_dim
 
-        if clip_model is None:
-            clip_model = CLIPModel(clip_config, dtype=dtype, rngs=rngs)
-        elif clip_model.config != clip_config:
-            raise ValueError("clip_model.config differs from clip_config")
-        self.clip = clip_model
+        self.clip = CLIPModel(clip_config, dtype=dtype, rngs=rngs)
+        if config.clip.get("text_finetune", False):
+            # The pretrained text q/v, kept frozen: DCS and the cost volume use the template embeddings
+            # of the frozen tower for any vocabulary (MODEL.md section 1).
+            self.frozen_text_qv = FrozenTextQV(clip_config.text, rngs=rngs)
+        if m.guidance.prompt == "context":  # CoOp context vectors, in the text tower's token space
+            width = clip_config.text.hidden_size
+            self.text_context = nnx.Param(
+                jax.random.normal(rngs.params(), (m.guidance.prompt_tokens, width), jnp.float32) * 0.02)
         self.alignment = TextGuidedAlignment(
             clip_dim=clip_config.projection_dim,
             num_templates=self.num_templates,
@@ -128,6 +134,7 @@ class DCPCLIP(nnx.Module):
             cross_attention=m.tga.cross_attention,
             self_attention=m.tga.self_attention,
             guidance_prompt=m.guidance.prompt,
+            prompt_tokens=m.guidance.prompt_tokens,
             guidance_cls_logit=m.guidance.cls_logit,
             dtype=dtype,
             rngs=rngs,
@@ -135,7 +142,7 @@ class DCPCLIP(nnx.Module):
         self.decoder = SpatialEnhancementDecoder(
             hidden_dim=m.hidden_dim,
             clip_width=clip_config.vision.hidden_size,
-            grid=self.grid,
+            grid=clip_config.vision.grid_size,
             num_templates=self.num_templates,
             num_heads=m.num_heads,
             cfg=m.decoder,
@@ -148,7 +155,7 @@ class DCPCLIP(nnx.Module):
         """[B,H,W,3] RGB 0..255 (float or uint8) -> CLIP-normalised [B,R,R,3] at clip.image_size (bilinear)."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B,H,W,3] RGB in 0..255; got shape {images.shape}")
-        x = (images.astype(jnp.float32) - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+        x = normalize_pixels(images)
         if x.shape[1:3] != (self.image_size, self.image_size):
             # CAT-Seg: F.interpolate(bilinear, align_corners=False), no antialiasing.
             x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, 3), "bilinear", antialias=False)
@@ -166,24 +173,60 @@ class DCPCLIP(nnx.Module):
             "attn_last": aux["attn_last"],
         }
 
-    def decode_slots(
-        self,
-        features: dict[str, jax.Array],
-        slot_text: jax.Array,
-        slot_text_bar: jax.Array,
-        slot_logit: jax.Array,
-        slot_valid: jax.Array,
-    ) -> jax.Array:
-        """TGA + SED for K slots given their text: slot_text [B,K,P,D], slot_text_bar [B,K,D],
-        slot_logit [B,K] -> logits float32 [B,K,g*2^L,g*2^L]. Invalid slots never affect valid ones."""
+    def select(self, features, text_bar, *, num_slots: int, gt_present=None) -> dict[str, jax.Array]:
+        """DCS on the features (see selection.select_categories)."""
+        b, g = features["dense"].shape[:2]
+        return selection.select_categories(
+            features["cls"], features["dense"].reshape(b, g * g, -1), text_bar, self.clip.logit_scale[...],
+            theta=self.theta, num_slots=num_slots, gt_present=gt_present)
+
+    def encode_guidance_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Unit guidance embeddings [R,D] of R tokenized prompts (with the learnt context, if any)."""
+        context = self.text_context[...] if hasattr(self, "text_context") else None
+        return selection.l2_normalize(self.clip.get_text_features(input_ids, attention_mask, context=context))
+
+    def decode(self, features, text_embeds, slot_class, slot_valid, guidance_text) -> jax.Array:
+        """TGA + SED on K slots: text_embeds T [C,P,D] (cost volume), slot_class int [B,K], slot_valid [B,K],
+        guidance_text [C,D] -> logits float32 [B,K,h,w]. Invalid slots never affect valid ones."""
         dt = self.dtype
-        cost, corr = self.alignment(
-            features["dense"].astype(dt), slot_text.astype(dt), slot_text_bar.astype(dt), slot_logit.astype(dt),
-            slot_valid,
-        )
+        text_bar = selection.mean_text_embedding(text_embeds)
+        # c_k = cos(cls, T_bar_k): bounded, independent of the logit scale and of C; differentiable
+        # (reaches the image tower through CLS).
+        slot_cos = jnp.einsum("bd,bkd->bk", selection.l2_normalize(features["cls"]), text_bar[slot_class])
+        cost, corr = self.alignment(features["dense"].astype(dt), text_embeds[slot_class].astype(dt),
+                                    guidance_text[slot_class].astype(dt), slot_cos.astype(dt), slot_valid)
         shallow = [s.astype(dt) for s in features["shallow"]]
         logits = self.decoder(cost, corr, shallow, features["attn_last"].astype(dt))
         return logits.astype(jnp.float32)
+
+    def validate(self, logits, slot_class, slot_valid, features, text_bar, seen) -> tuple[jax.Array, jax.Array]:
+        """Tag validation (a no-op when model.tv.enabled is false): (slot_class [B,K], relabelled [B,K])."""
+        if not self.tv_enabled:
+            return slot_class, jnp.zeros_like(slot_valid)
+        return validate_tags(logits, slot_class, slot_valid, features["dense"], text_bar,
+                             jnp.asarray(seen, jnp.bool_), k=self.tv_k)
+
+    def frozen_text_clip(self) -> CLIPModel:
+        """The CLIP whose text tower gives the cost-volume / DCS template embeddings: self.clip with the
+        pretrained text q/v when the text tower is fine-tuned (shares every other array)."""
+        if not hasattr(self, "frozen_text_qv"):
+            return self.clip
+        graphdef, state = nnx.split(self.clip)
+        frozen = nnx.to_pure_dict(nnx.state(self.frozen_text_qv))["layers"]
+        pure = nnx.to_pure_dict(state)
+        for i, layer in frozen.items():
+            pure["text_model"]["encoder"]["layers"][i]["self_attn"].update(layer)
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(graphdef, state)
+
+    def check_text(self, text_embeds: jax.Array) -> None:
+        if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.clip_dim:
+            raise ValueError(f"text_embeds must be T [C,P,{self.clip_dim}]; got shape {text_embeds.shape}")
+        if text_embeds.shape[1] != self.num_templates:
+            raise ValueError(
+                f"text_embeds have P={text_embeds.shape[1]} templates but the model expects {self.num_templates} "
+                "(config.text.templates)"
+            )
 
     # ------------------------------------------------------------------ forward
     def __call__(
@@ -194,286 +237,65 @@ class DCPCLIP(nnx.Module):
         num_slots: int,
         gt_present: jax.Array | None = None,
         seen: jax.Array | None = None,
+        guidance_tokens: tuple[jax.Array, jax.Array] | None = None,
+        guidance_rows: int = 0,
         train: bool = False,
     ) -> dict[str, jax.Array]:
         """Segment `images` [B,S,S,3] (0..255) against the vocabulary `text_embeds` T [C,P,D] (unit vectors).
 
         num_slots: K (static); 0 or >= C means one slot per class. gt_present [B,C] bool: classes in the
-        label (training, dcs.include_gt). seen [C] bool: training-vocabulary classes; tag validation runs
-        when not `train`, config.model.tv.enabled and `seen` is given.
+        label (training, dcs.include_gt). seen [C] bool: training-vocabulary classes (tag validation, when
+        not `train`). guidance_tokens (input_ids, attention_mask) [C,L]: the vocabulary's single-template
+        prompts; given, the classes in the batch's slots (at most `guidance_rows` of them, lowest slots
+        first) are re-encoded by the text tower for the guidance, the others keep T_bar.
 
         Returns logits [B,K,h,w] (h = grid * 2**decoder.layers), slot_class int32 [B,K] (after TV),
-        slot_valid bool [B,K], dcs_selected / dcs_dropped int32 [B], and for inspection
+        slot_valid bool [B,K], dcs_selected / dcs_dropped / guidance_dropped int32 [B], and for inspection
         slot_class_dcs (before TV), tv_relabelled [B,K], p_img [B,C].
         """
-        if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.clip_dim:
-            raise ValueError(f"text_embeds must be T [C,P,{self.clip_dim}]; got shape {text_embeds.shape}")
-        if text_embeds.shape[1] != self.num_templates:
-            raise ValueError(
-                f"text_embeds have P={text_embeds.shape[1]} templates but the model expects {self.num_templates} "
-                "(config.text.templates)"
-            )
+        self.check_text(text_embeds)
         text_embeds = text_embeds.astype(jnp.float32)
         text_bar = selection.mean_text_embedding(text_embeds)
-        feats = self.encode(images)
-        b, g = feats["dense"].shape[:2]
-        logit_scale = self.clip.logit_scale[...]
-        dcs = selection.select_categories(
-            feats["cls"], feats["dense"].reshape(b, g * g, -1), text_bar, logit_scale,
-            theta=self.theta, num_slots=num_slots,
-            gt_present=gt_present if (train and self.include_gt) else None,
-        )
+        features = self.encode(images)
+        dcs = self.select(features, text_bar, num_slots=num_slots, gt_present=gt_present if train else None)
         slot_class, slot_valid = dcs["slot_class"], dcs["slot_valid"]
-        slot_text_bar = text_bar[slot_class]  # [B,K,D]
-        # l_k = s * cos(cls, T_bar_k): differentiable (reaches the CLIP image tower through CLS).
-        cls_n = selection.l2_normalize(feats["cls"])
-        slot_logit = jnp.exp(logit_scale) * jnp.einsum("bd,bkd->bk", cls_n, slot_text_bar)
-        logits = self.decode_slots(feats, text_embeds[slot_class], slot_text_bar, slot_logit, slot_valid)
-
-        final_class = slot_class
-        relabelled = jnp.zeros_like(slot_valid)
-        if not train and self.tv_enabled and seen is not None:
-            final_class, relabelled = validate_tags(
-                logits, slot_class, slot_valid, feats["dense"], text_bar, jnp.asarray(seen, jnp.bool_), k=self.tv_k
-            )
+        guidance_text, guidance_dropped = text_bar, jnp.zeros(slot_class.shape[:1], jnp.int32)
+        if guidance_tokens is not None:
+            guidance_text, guidance_dropped = self._reencode_slots(text_bar, slot_class, slot_valid,
+                                                                   guidance_tokens, guidance_rows)
+        logits = self.decode(features, text_embeds, slot_class, slot_valid, guidance_text)
+        final_class, relabelled = slot_class, jnp.zeros_like(slot_valid)
+        if not train and seen is not None:
+            final_class, relabelled = self.validate(logits, slot_class, slot_valid, features, text_bar, seen)
         return {
             "logits": logits,
             "slot_class": final_class,
             "slot_valid": slot_valid,
             "dcs_selected": dcs["dcs_selected"],
             "dcs_dropped": dcs["dcs_dropped"],
+            "guidance_dropped": guidance_dropped,
             "slot_class_dcs": slot_class,
             "tv_relabelled": relabelled,
             "p_img": dcs["p_img"],
         }
 
-    def predict(
-        self, images: jax.Array, text_embeds: jax.Array, *, num_slots: int, seen: jax.Array | None = None
-    ) -> jax.Array:
-        """Label map int32 [B,H,W] over the vocabulary at the input resolution (no [C,H,W] tensor)."""
-        out = self(images, text_embeds, num_slots=num_slots, seen=seen, train=False)
-        return slot_argmax(out["logits"], out["slot_class"], out["slot_valid"], images.shape[1:3])
+    def _reencode_slots(self, text_bar, slot_class, slot_valid, tokens, rows: int):
+        """text_bar [C,D] with the rows of the batch's slot classes re-encoded (a static number of rows).
 
-
-# ---------------------------------------------------------------------- outputs and loss
-def upsample_logits(logits: jax.Array, size: Sequence[int]) -> jax.Array:
-    """[B,K,h,w] -> [B,K,H,W] bilinear (half-pixel, torch align_corners=False)."""
-    h, w = int(size[0]), int(size[1])
-    if logits.shape[2:] == (h, w):
-        return logits
-    return jax.image.resize(logits, (*logits.shape[:2], h, w), "bilinear", antialias=False)
-
-
-def slot_argmax(logits: jax.Array, slot_class: jax.Array, slot_valid: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Upsample slot logits to `size`, argmax over valid slots, map slots to vocabulary ids: int32 [B,H,W]."""
-    up = upsample_logits(logits.astype(jnp.float32), size)
-    up = jnp.where(slot_valid[:, :, None, None], up, -jnp.inf)
-    best = jnp.argmax(up, axis=1)  # [B,H,W]
-    return jnp.take_along_axis(slot_class[:, :, None], best.reshape(best.shape[0], 1, -1), axis=1).reshape(
-        best.shape
-    ).astype(jnp.int32)
-
-
-def dcp_loss(outputs: dict, labels: jax.Array, *, ignore_as_negative: bool = True):
-    """Per-pixel BCE on the K valid slots (MODEL.md section 6).
-
-    Logits are bilinearly upsampled to the label size; the target of slot k at a pixel is
-    (label == slot_class[k]). Labels are int32 with ignore = -1: ignore pixels are negatives for
-    every slot (CAT-Seg), or left out when ignore_as_negative=False. Mean over valid slots x pixels.
-    Returns (loss, metrics).
-    """
-    labels = jnp.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be [B,H,W] int; got shape {labels.shape}")
-    slot_class, slot_valid = outputs["slot_class"], outputs["slot_valid"]
-    logits = upsample_logits(outputs["logits"].astype(jnp.float32), labels.shape[1:])
-    target = labels[:, None] == slot_class[:, :, None, None]  # [B,K,H,W]
-    bce = optax.sigmoid_binary_cross_entropy(logits, target.astype(jnp.float32))
-    weight = jnp.broadcast_to(slot_valid[:, :, None, None], bce.shape)
-    if not ignore_as_negative:
-        weight = weight & (labels[:, None] >= 0)
-    weight = weight.astype(jnp.float32)
-    loss = jnp.sum(bce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-    labelled = labels >= 0
-    covered = jnp.any(target & slot_valid[:, :, None, None], axis=1) & labelled
-    metrics = {
-        "valid_slots": jnp.mean(jnp.sum(slot_valid, axis=1).astype(jnp.float32)),
-        # Fraction of labelled pixels whose class has a valid slot (1.0 with dcs.include_gt unless dropped).
-        "gt_pixel_coverage": jnp.sum(covered) / jnp.maximum(jnp.sum(labelled), 1),
-    }
-    return loss, metrics
-
-
-def gt_presence(labels: jax.Array, num_classes: int) -> jax.Array:
-    """Which vocabulary classes occur in each label map: labels int [B,H,W] (-1 = ignore) -> bool [B,C].
-
-    Values outside 0..C-1 are ignored.
-    """
-    labels = jnp.asarray(labels)
-    flat = labels.reshape(labels.shape[0], -1).astype(jnp.int32)
-    flat = jnp.where((flat >= 0) & (flat < num_classes), flat, num_classes)  # out of range -> spare bin
-    present = jax.vmap(lambda row: jnp.zeros(num_classes + 1, jnp.bool_).at[row].set(True))(flat)
-    return present[:, :num_classes]
-
-
-# ---------------------------------------------------------------------- trainable parameters
-def _path_parts(path) -> tuple[str, ...]:
-    """nnx path tuple, jax key path or '/'-joined string -> tuple of strings."""
-    if isinstance(path, str):
-        return tuple(p for p in path.split("/") if p)
-    return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
-
-
-def is_clip_param(path) -> bool:
-    """True for parameters of the CLIP backbone (the CLIP learning-rate multiplier applies)."""
-    parts = _path_parts(path)
-    return bool(parts) and parts[0] == "clip"
-
-
-# Regexes (re.search over "/"-joined param paths) selecting the trainable params for each clip.finetune
-# preset; `optim.trainable` in the config replaces them with any regex. Head params never start "clip/".
-TRAINABLE_PRESETS = {
-    "qv": r"^(?!clip/)|^clip/vision_model/.*/(q_proj|v_proj)/",  # CAT-Seg: image-tower q/v kernels+biases
-    "full": r"^(?!clip/)|^clip/(vision_model|visual_projection)/",  # the whole image tower
-    "none": r"^(?!clip/)",  # the head only
-}
-
-
-def trainable_regex(config: ConfigDict) -> str:
-    """The trainable-parameter regex: config.optim.trainable if set, else the clip.finetune preset."""
-    custom = config.get("optim", {}).get("trainable", "")
-    if custom:
-        return custom
-    finetune = config.clip.finetune
-    if finetune not in TRAINABLE_PRESETS:
-        raise ValueError(f"config.clip.finetune={finetune!r}: expected one of {tuple(TRAINABLE_PRESETS)}")
-    return TRAINABLE_PRESETS[finetune]
-
-
-def is_trainable_path(path, regex: str) -> bool:
-    """Whether the parameter at `path` (nnx path, key path or "/"-joined) matches the trainable regex."""
-    return re.search(regex, "/".join(_path_parts(path))) is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainableFilter:
-    """nnx filter (path, value) -> bool selecting the trainable nnx.Params (hashable, jit-friendly)."""
-
-    regex: str
-
-    def __call__(self, path, value) -> bool:
-        return isinstance(value, nnx.Param) and is_trainable_path(path, self.regex)
-
-
-def trainable_filter(config: ConfigDict) -> TrainableFilter:
-    """The trainable params: `trainable_regex(config)` over param paths. By default the whole head plus
-    the CLIP image-tower part chosen by config.clip.finetune ("qv": q_proj/v_proj kernels+biases;
-    "full": vision_model + visual_projection; "none"); the text tower and logit_scale stay frozen."""
-    regex = trainable_regex(config)
-    try:
-        re.compile(regex)
-    except re.error as e:
-        raise ValueError(f"config.optim.trainable={regex!r} is not a valid regex: {e}") from e
-    return TrainableFilter(regex)
-
-
-# ---------------------------------------------------------------------- building and loading
-def build_model(config: ConfigDict, clip_config: CLIPConfig, *, seed: int = 0) -> DCPCLIP:
-    """A randomly initialised DCPCLIP (CLIP included)."""
-    return DCPCLIP(config, clip_config, rngs=nnx.Rngs(seed))
-
-
-def _describe(cfg: CLIPConfig) -> str:
-    v = cfg.vision
-    return (
-        f"ViT width {v.hidden_size}, {v.num_hidden_layers} blocks, patch {v.patch_size}, image {v.image_size}, "
-        f"text width {cfg.text.hidden_size}, projection {cfg.projection_dim}"
-    )
-
-
-def _suggest_config(cfg: CLIPConfig) -> str:
-    v = cfg.vision
-    if (v.hidden_size, v.patch_size) == (768, 16):
-        return "configs/dcp_vitb16_coco_stuff.py"
-    if (v.hidden_size, v.patch_size) == (1024, 14):
-        return "configs/dcp_vitl14_coco_stuff.py"
-    return "a config whose clip.* keys match this checkpoint (or build with build_model_from_checkpoint)"
-
-
-def load_pretrained_clip(model: DCPCLIP, path: str | os.PathLike) -> DCPCLIP:
-    """Copy the CLIP weights at `path` into model.clip, strictly (every name and shape must match)."""
-    loaded, cfg = load_clip(path, image_size=model.image_size, dtype=model.dtype)
-    want = {"/".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(model.clip, nnx.Param))}
-    have = {"/".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param))}
-    problems = [f"missing in checkpoint: {k}" for k in sorted(want.keys() - have.keys())]
-    problems += [f"unexpected in checkpoint: {k}" for k in sorted(have.keys() - want.keys())]
-    problems += [
-        f"{k}: checkpoint {tuple(have[k])} vs model {tuple(want[k])}"
-        for k in sorted(want.keys() & have.keys()) if tuple(have[k]) != tuple(want[k])
-    ]
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise ValueError(
-            f"CLIP checkpoint {path} ({_describe(cfg)}) does not fit the model's CLIP "
-            f"({_describe(model.clip.config)}):\n  {shown}\nUse {_suggest_config(cfg)}."
-        )
-    nnx.update(model.clip, nnx.state(loaded, nnx.Param))
-    return model
-
-
-def _host_init(shape: tuple[int, ...], leaf: str, rng: np.random.Generator) -> np.ndarray:
-    """flax's default initialisers for the head's params, sampled with numpy: kernels lecun_normal
-    (truncated normal, variance 1/fan_in), biases 0, norm scales 1; the guidance prompt N(0, 0.02)."""
-    if leaf == "kernel":
-        std = np.sqrt(1.0 / max(1, int(np.prod(shape[:-1])))) / 0.87962566103423978
-        value = rng.standard_normal(shape)
-        while np.any(bad := np.abs(value) > 2.0):  # resample outside [-2, 2] (truncated normal)
-            value[bad] = rng.standard_normal(int(bad.sum()))
-        return (value * std).astype(np.float32)
-    if leaf == "bias":
-        return np.zeros(shape, np.float32)
-    if leaf == "scale":
-        return np.ones(shape, np.float32)
-    return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-
-
-def build_model_from_checkpoint(
-    config: ConfigDict, path: str | os.PathLike, *, seed: int | None = None
-) -> tuple[DCPCLIP, CLIPConfig]:
-    """Load CLIP from `path` at config.clip.image_size and build DCPCLIP around it. Returns (model, clip_config).
-
-    The head is initialised on the host with flax's default initialisers (seed config.seed unless
-    given): the same distributions as nnx init, without compiling one XLA program per param shape
-    (tens of seconds on CPU).
-    """
-    clip_model, clip_config = load_clip(path, image_size=config.clip.image_size, dtype=compute_dtype(config))
-    seed = config.get("seed", 0) if seed is None else seed
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DCPCLIP(config, clip_config, rngs=nnx.Rngs(0))))
-    clip_params = dict(nnx.to_flat_state(nnx.state(clip_model, nnx.Param)))
-    rng = np.random.default_rng(seed)
-    flat = nnx.to_flat_state(state)
-    for path_, var in flat:
-        if path_[0] == "clip":
-            var.set_value(clip_params[path_[1:]].get_value())
-        else:
-            var.set_value(jnp.asarray(_host_init(var.get_value().shape, str(path_[-1]), rng)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat)), clip_config
-
-
-# ---------------------------------------------------------------------- vocabulary helpers
-def _normalise_name(name: str) -> str:
-    return " ".join(name.lower().split())
-
-
-def _name_keys(name: str) -> set[str]:
-    """A class name counts by its full string and by its first synonym ("building, edifice" -> "building")."""
-    return {_normalise_name(name), _normalise_name(name.split(",")[0])}
-
-
-def seen_mask(vocabulary: Sequence[str], train_vocabulary: Sequence[str]) -> np.ndarray:
-    """np.bool_ [C]: whether each vocabulary class is in the training vocabulary (case/space-insensitive;
-    the full name or its first synonym may match either form of a training name)."""
-    train_keys: set[str] = set()
-    for name in train_vocabulary:
-        train_keys |= _name_keys(name)
-    return np.array([bool(_name_keys(name) & train_keys) for name in vocabulary], dtype=np.bool_)
+        The union of the valid slot classes is taken in slot order (highest DCS priority first); unused
+        rows encode class 0 and are discarded; classes beyond `rows` keep T_bar and are counted.
+        """
+        num_classes = text_bar.shape[0]
+        rows = min(int(rows) or num_classes, num_classes)
+        flat = jnp.where(slot_valid, slot_class, num_classes).T.reshape(-1)  # slot-major: best slots first
+        never = flat.size
+        first_seen = jnp.full(num_classes + 1, never, jnp.int32).at[flat].min(jnp.arange(never, dtype=jnp.int32))
+        first_seen = first_seen.at[num_classes].set(never)  # the invalid-slot sentinel is no class
+        union = jnp.argsort(first_seen, stable=True)[:rows]  # classes in order of first appearance
+        present = first_seen[union] < never
+        ids, mask = (jnp.asarray(t) for t in tokens)
+        rows_index = jnp.where(present, union, 0)
+        encoded = self.encode_guidance_text(ids[rows_index], mask[rows_index])
+        guidance = text_bar.at[jnp.where(present, union, num_classes)].set(encoded, mode="drop")
+        dropped = jnp.maximum(jnp.sum(first_seen < never) - rows, 0).astype(jnp.int32)
+        return guidance, jnp.broadcast_to(dropped, slot_class.shape[:1])

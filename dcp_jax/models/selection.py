@@ -47,6 +47,51 @@ def class_scores(cls_embeds: jax.Array, dense: jax.Array, text_bar: jax.Array, l
     return p_img, p_patch
 
 
+def selection_levels(cls_embeds, dense, text_bar, logit_scale, *, theta: float, gt_present=None):
+    """Each class's priority level (LEVEL_*) per image, and p_img: (level int32 [B,C], p_img [B,C]).
+
+    C_patch = union over patches of argmax_c p_patch * (1 - p_img); C_img = {p_img > theta};
+    theta <= 0 selects every class (the "no DCS" baseline; tested explicitly because a float32
+    softmax at s=100 can underflow to exactly 0). Classes present in `gt_present` [B,C] (training)
+    outrank everything. No gradient flows through the selection.
+    """
+    num_classes = text_bar.shape[0]
+    p_img, p_patch = class_scores(
+        jax.lax.stop_gradient(cls_embeds), jax.lax.stop_gradient(dense), jax.lax.stop_gradient(text_bar), logit_scale
+    )
+    p_img = jax.lax.stop_gradient(p_img)
+    # Damp the dominant classes so each patch can reveal a secondary one.
+    q_patch = p_patch * (1.0 - p_img)[:, None, :]
+    winner = jnp.argmax(q_patch, axis=-1)  # [B,N]
+    by_patch = jnp.any(jax.nn.one_hot(winner, num_classes, dtype=jnp.bool_), axis=1)  # [B,C]
+    by_image = (p_img > theta) | (theta <= 0)
+    level = jnp.where(by_patch, LEVEL_PATCH, LEVEL_NONE)
+    level = jnp.where(by_image, LEVEL_IMAGE, level)
+    if gt_present is not None:
+        if gt_present.shape != p_img.shape:
+            raise ValueError(f"gt_present has shape {gt_present.shape}; expected [B,C] = {p_img.shape}")
+        level = jnp.where(gt_present, LEVEL_GT, level)
+    return level.astype(jnp.int32), p_img
+
+
+def rank_slots(level: jax.Array, p_img: jax.Array, num_slots: int) -> dict[str, jax.Array]:
+    """The selected classes (level > LEVEL_NONE) ranked into K slots: by (level, p_img) descending,
+    ties by class index; slots past the selected count are invalid.
+
+    Returns slot_class int32 [B,K], slot_valid bool [B,K], dcs_selected / dcs_dropped int32 [B].
+    """
+    num_classes = level.shape[-1]
+    k = resolve_num_slots(num_slots, num_classes)
+    class_index = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), level.shape)
+    # Lexicographic descending sort on (level, p_img); the stable sort breaks exact ties by index.
+    _, _, order = jax.lax.sort((-level, -p_img, class_index), dimension=-1, num_keys=2, is_stable=True)
+    slot_class = order[:, :k]
+    slot_valid = jnp.take_along_axis(level, slot_class, axis=-1) > LEVEL_NONE
+    num_selected = jnp.sum(level > LEVEL_NONE, axis=-1, dtype=jnp.int32)
+    return {"slot_class": slot_class, "slot_valid": slot_valid, "dcs_selected": num_selected,
+            "dcs_dropped": jnp.maximum(num_selected - k, 0)}
+
+
 def select_categories(
     cls_embeds: jax.Array,
     dense: jax.Array,
@@ -59,47 +104,9 @@ def select_categories(
 ) -> dict[str, jax.Array]:
     """DCS: pick the classes worth decoding and rank them into K fixed slots.
 
-    C_patch = union over patches of argmax_c p_patch * (1 - p_img); C_img = {p_img > theta};
-    theta <= 0 selects every class (the "no DCS" baseline; tested explicitly because a float32
-    softmax at s=100 can underflow to exactly 0). Classes present in `gt_present` [B,C] (training)
-    outrank everything. Slots hold the classes sorted by (level, p_img) descending, ties by class
-    index; slots past the selected count are invalid.
-
-    Returns slot_class int32 [B,K], slot_valid bool [B,K], dcs_selected / dcs_dropped int32 [B],
-    p_img [B,C], selected bool [B,C]. No gradient flows through the selection.
+    cls_embeds [B,D], dense [B,N,D], text_bar [C,D] unit vectors, logit_scale: CLIP's log scale.
+    See `selection_levels` and `rank_slots`. Returns slot_class int32 [B,K], slot_valid bool [B,K],
+    dcs_selected / dcs_dropped int32 [B], p_img [B,C], selected bool [B,C].
     """
-    num_classes = text_bar.shape[0]
-    k = resolve_num_slots(num_slots, num_classes)
-    p_img, p_patch = class_scores(
-        jax.lax.stop_gradient(cls_embeds), jax.lax.stop_gradient(dense), jax.lax.stop_gradient(text_bar), logit_scale
-    )
-    p_img = jax.lax.stop_gradient(p_img)
-    # Damp the dominant classes so each patch can reveal a secondary one.
-    q_patch = p_patch * (1.0 - p_img)[:, None, :]
-    winner = jnp.argmax(q_patch, axis=-1)  # [B,N]
-    by_patch = jnp.any(jax.nn.one_hot(winner, num_classes, dtype=jnp.bool_), axis=1)  # [B,C]
-    by_image = (p_img > theta) | (theta <= 0)
-
-    level = jnp.where(by_patch, LEVEL_PATCH, LEVEL_NONE)
-    level = jnp.where(by_image, LEVEL_IMAGE, level)
-    if gt_present is not None:
-        if gt_present.shape != p_img.shape:
-            raise ValueError(f"gt_present has shape {gt_present.shape}; expected [B,C] = {p_img.shape}")
-        level = jnp.where(gt_present, LEVEL_GT, level)
-    level = level.astype(jnp.int32)
-    selected = level > LEVEL_NONE
-
-    class_index = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), level.shape)
-    # Lexicographic descending sort on (level, p_img); the stable sort breaks exact ties by index.
-    _, _, order = jax.lax.sort((-level, -p_img, class_index), dimension=-1, num_keys=2, is_stable=True)
-    slot_class = order[:, :k]
-    slot_valid = jnp.take_along_axis(level, slot_class, axis=-1) > LEVEL_NONE
-    num_selected = jnp.sum(selected, axis=-1, dtype=jnp.int32)
-    return {
-        "slot_class": slot_class,
-        "slot_valid": slot_valid,
-        "dcs_selected": num_selected,
-        "dcs_dropped": jnp.maximum(num_selected - k, 0),
-        "p_img": p_img,
-        "selected": selected,
-    }
+    level, p_img = selection_levels(cls_embeds, dense, text_bar, logit_scale, theta=theta, gt_present=gt_present)
+    return {**rank_slots(level, p_img, num_slots), "p_img": p_img, "selected": level > LEVEL_NONE}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dcp_jax.models import clip_convert
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_TINY_VOCAB = 1024
@@ -50,10 +49,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _learn_merges(num_merges: int, base_vocab: set[str]) -> list[tuple[str, str]]:
-    """Greedy BPE on the built-in corpus (CLIP style: '</w>' on the last symbol), then letter bigrams if needed."""
+def _learn_merges(num_merges: int, base_vocab: set[str], *, corpus=None) -> list[tuple[str, str]]:
+    """Greedy BPE on `corpus` (a word list; default the built-in one) (CLIP style: '</w>' on the last symbol),
+    then letter bigrams if needed."""
     byte_map = bytes_to_unicode()
-    counts = collections.Counter(_CORPUS)
+    counts = collections.Counter(_CORPUS if corpus is None else corpus)
     words = {}
     for word, c in counts.items():
         chars = [byte_map[b] for b in word.encode("utf-8")]
@@ -95,18 +95,21 @@ def _learn_merges(num_merges: int, base_vocab: set[str]) -> list[tuple[str, str]
     return merges
 
 
-def tiny_tokenizer_files(vocab_size: int) -> dict[str, str]:
-    """File name -> content of a CLIP BPE tokenizer with exactly `vocab_size` tokens (BOS = V-2, EOS = V-1)."""
-    return dict(_tokenizer_files(int(vocab_size)))
+def tiny_tokenizer_files(vocab_size: int, *, corpus=None) -> dict[str, str]:
+    """File name -> content of a CLIP BPE tokenizer with exactly `vocab_size` tokens (BOS = V-2, EOS = V-1).
+
+    `corpus`: the (lower-case) words the merges are learnt from, repeated by frequency; default a built-in list
+    of prompt-template words and common class names."""
+    return dict(_tokenizer_files(int(vocab_size), None if corpus is None else tuple(corpus)))
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer_files(vocab_size: int) -> dict[str, str]:
+def _tokenizer_files(vocab_size: int, corpus: tuple[str, ...] | None = None) -> dict[str, str]:
     byte_chars = list(bytes_to_unicode().values())
     base = byte_chars + [c + "</w>" for c in byte_chars]
     if vocab_size < len(base) + 2:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level CLIP tokenizer (>= {len(base) + 2})")
-    merges = _learn_merges(vocab_size - len(base) - 2, set(base))
+    merges = _learn_merges(vocab_size - len(base) - 2, set(base), corpus=corpus)
     tokens = base + [a + b for a, b in merges] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     assert len(vocab) == vocab_size, "duplicate token in the tiny vocabulary"
@@ -121,7 +124,7 @@ def _tokenizer_files(vocab_size: int) -> dict[str, str]:
     }
 
 
-def tiny_config(arch: dict):
+def tiny_clip_config(arch: dict):
     """A `clip.CLIPConfig` from a `TINY_CLIP`-shaped dict (vision/text sub-dicts with HF names, projection_dim)."""
     from dcp_jax.models.clip import CLIPConfig
 
@@ -137,38 +140,19 @@ def tiny_config(arch: dict):
     return CLIPConfig.from_hf(hf)
 
 
-def random_params(config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Non-degenerate random CLIP params (our names): unit-ish activations, perturbed LayerNorms, scale log(100)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in sorted(clip_convert.param_shapes(config).items()):
-        leaf = name.rsplit("/", 1)[-1]
-        if name == "logit_scale":
-            value = np.log(100.0)
-        elif leaf == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif leaf == "bias":
-            value = 0.05 * rng.standard_normal(shape)
-        elif leaf == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            value = rng.standard_normal(shape) / np.sqrt(fan_in)
-        else:  # embeddings and class embedding
-            value = 0.1 * rng.standard_normal(shape)
-        out[name] = np.asarray(value, np.float32)
-    return out
-
-
 def write_tiny_clip(out_dir: str | os.PathLike, arch: dict, seed: int = 0) -> Path:
     """Write a random tiny CLIP as an HF checkpoint directory (config, weights, tokenizer); deterministic per seed.
 
-    `arch` has the shape of `dcp_jax.config.TINY_CLIP`; `text.vocab_size` defaults to 1024.
+    `arch` has the shape of `configs/tiny.py`'s TINY_CLIP; `text.vocab_size` defaults to 1024.
     """
+    from dcp_jax.models import build, clip
+
     out_dir = Path(out_dir)
-    config = tiny_config(arch)
-    clip_convert.write_hf_checkpoint(random_params(config, seed), config.to_hf(), out_dir)
+    config = tiny_clip_config(arch)
+    clip.save_hf_checkpoint(build.random_clip(config, seed=seed), config, out_dir)
     for name, content in tiny_tokenizer_files(config.text.vocab_size).items():
         (out_dir / name).write_text(content, encoding="utf-8")
     return out_dir
 
 
-__all__ = ["DEFAULT_TINY_VOCAB", "random_params", "tiny_config", "tiny_tokenizer_files", "write_tiny_clip"]
+__all__ = ["DEFAULT_TINY_VOCAB", "tiny_clip_config", "tiny_tokenizer_files", "write_tiny_clip"]

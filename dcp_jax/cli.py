@@ -1,0 +1,100 @@
+"""The command-line style every dcp_jax command shares: absl flags and ml_collections config files.
+
+Every command that takes a config accepts `--config configs/X.py[:ARGS]` and `--config.KEY=VALUE`
+overrides (a typo is an error). Commands that read a workdir use the workdir's saved config when
+`--config` is not given, with the `--config.KEY=VALUE` overrides applied to it. Flags live in a
+`FlagValues` of their own per call, so `main(argv)` can be called repeatedly (tests, scripts).
+
+A user error (a missing file, a bad dataset, a damaged checkpoint, a bad config value) is printed
+as one line, `error: ...`, and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from dcp_jax import config as config_lib
+
+EXIT_USAGE = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: shown as one line."""
+    from dcp_jax import checkpoint
+    return (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, checkpoint.CheckpointError,
+            checkpoint.WorkdirLockedError, flags.Error)
+
+
+class Command:
+    """One invocation's flags: `cmd = Command(prog, doc, argv, config=...)`, define flags on `cmd.flags`,
+    then `cmd.parse()`."""
+
+    def __init__(self, prog: str, doc: str, argv: Sequence[str] | None, *, config: str | None = None,
+                 config_help: str = "config file (configs/X.py[:ARGS]); overrides: --config.KEY=VALUE"):
+        self.prog, self.doc = prog, doc
+        self.argv = [prog, *(sys.argv[1:] if argv is None else [str(a) for a in argv])]
+        self.flags = flags.FlagValues()
+        self.has_config = config is not None
+        if self.has_config:
+            try:  # the config file is loaded and the --config.KEY overrides checked right here
+                config_flags.DEFINE_config_file("config", config, config_help, flag_values=self.flags,
+                                                lock_config=True, sys_argv=self.argv)
+            except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
+                text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
+                print(f"{prog}: error: bad --config or --config.KEY override: {text}", file=sys.stderr)
+                raise SystemExit(EXIT_USAGE) from None
+
+    def parse(self) -> flags.FlagValues:
+        """Parse the command line; --help prints the usage and exits 0, a bad flag exits 2."""
+        if any(a in ("-h", "--help", "-help", "--helpfull") for a in self.argv[1:]):
+            print(f"usage: {self.prog} [flags]\n\n{self.doc.strip()}\n\nflags:\n{self.flags.get_help()}")
+            raise SystemExit(0)
+        try:
+            rest = self.flags(self.argv)
+            if self.has_config:
+                self.flags.config.keys()  # a config file that failed to load raises on first use
+        except (flags.Error, ValueError, OSError) as e:  # config files fail to load with these
+            print(f"{self.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+        if len(rest) > 1:
+            print(f"{self.prog}: error: unexpected arguments {rest[1:]}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE)
+        return self.flags
+
+    def required(self, *names: str) -> None:
+        for name in names:
+            flags.mark_flag_as_required(name, flag_values=self.flags)
+
+    def config(self, workdir: str | os.PathLike | None = None, *, required: bool = True):
+        """--config if given; else the workdir's saved config with the --config.KEY overrides (an error
+        when it has none, unless not `required`: then the command's default config file)."""
+        flag = self.flags["config"]
+        if flag.present or workdir is None or (not required and not (Path(workdir) / "config.json").exists()):
+            return self.flags.config
+        from dcp_jax import checkpoint
+        config = checkpoint.load_config(workdir)
+        config.update_from_flattened_dict(dict(flag.override_values))
+        return config
+
+    def run(self, body: Callable[[], int | None]) -> int:
+        """Run `body` with quiet library logging; user errors become one line and exit status 2."""
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs every file it writes, and notes at WARNING
+        try:
+            return int(body() or 0)
+        except user_errors() as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+
+
+def default_config() -> str:
+    """The config a command uses when neither --config nor a workdir gives one: the ViT-B/16 recipe."""
+    return config_lib.config_file("dcp_vitb16_coco_stuff")

@@ -1,0 +1,88 @@
+"""Writing files so that nothing is ever left half-written under its final name.
+
+Every file the project writes for a user (configs, checkpoints' side files, predictions, prepared
+datasets, caches, exports) goes through `atomic_write`: the content goes to a hidden temporary file
+in the same directory, which is then renamed over the target (an atomic step on POSIX), so a crash
+or Ctrl-C leaves either the old file or the new one. No jax import here: data-preparation worker
+processes use this module too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp creates 0600
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) with a temporary path next to `path`, then rename tmp over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def cache_dir(name: str) -> Path:
+    """$DCP_JAX_CACHE/<name> (default ~/.cache/dcp_jax/<name>): text embeddings, compiled programs, the toy CLIP."""
+    return Path(os.environ.get("DCP_JAX_CACHE") or Path.home() / ".cache" / "dcp_jax") / name
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Fill a temporary sibling directory, then move it to `path` when the block succeeds.
+
+    An existing `path` is refused unless `overwrite` (then it is replaced only after the new one is
+    complete). On error the temporary directory is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
