@@ -189,17 +189,16 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
 
     # --- CLIP, text embeddings, model, optimizer ---
     clip_path = clip_checkpoint_path(config, workdir, create=True)
-    clip_params, clip_config = clip_lib.load_clip_params(clip_path, image_size=config.clip.image_size)
+    model, clip_config, clip_params = build.model_from_clip_checkpoint(config, clip_path, mesh=mesh)
     if distributed.is_primary():
         ckpt_lib.save_inference_assets(workdir, clip_path, clip_config)
     tokenizer = text_lib.load_tokenizer(clip_path)
-    # The (frozen) template embeddings, from a copy of the pretrained CLIP on this host.
+    # The (frozen) template embeddings, from a copy of the pretrained CLIP on this host (whatever the
+    # model's sharding across hosts).
     text_model = clip_lib.model_from_params(clip_config, clip_params, dcp.compute_dtype(config))
     text_embeds = text_lib.embed_vocabulary(text_model, tokenizer, class_names, config.text.templates,
                                             batch_size=config.text.batch_size)
-    del text_model
-    model = build.create_model(config, clip_config, mesh=mesh, clip_params=clip_params)
-    del clip_params
+    del text_model, clip_params
     optimizer = optim.make_optimizer(config, model)
 
     # --- Resume ---

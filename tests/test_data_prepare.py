@@ -466,19 +466,6 @@ def test_pc459_val_list_missing_and_bad_inputs(tmp_path):
         prepare("voc20", raw, categories="x.json", progress=False)
 
 
-def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path):
-    dst = tmp_path / "a.png"
-    dst.write_bytes(b"old")
-
-    def failing_write(tmp: Path) -> None:
-        tmp.write_bytes(b"half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        prep._atomic_write(dst, failing_write)
-    assert dst.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
-
-
 def test_ade847_target_size():
     assert prep.ade847_target_size(520, 600) == (512, 591)
     assert prep.ade847_target_size(600, 520) == (591, 512)

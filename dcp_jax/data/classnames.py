@@ -32,11 +32,6 @@ def _resource(name: str):
     return resources.files("dcp_jax.data").joinpath("classnames", f"{name}.json")
 
 
-def file_sha256(name: str) -> str:
-    """sha256 of the stored JSON file of a built-in list."""
-    return hashlib.sha256(_resource(name).read_bytes()).hexdigest()
-
-
 def load(name: str) -> list[str]:
     """Class names of a built-in benchmark vocabulary, index = label value.
 

@@ -33,7 +33,6 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -43,6 +42,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dcp_jax import files
 from dcp_jax.data import classnames
 
 BENCHMARKS = ("coco_stuff_171", "ade150", "ade847", "pc59", "pc459", "voc20", "voc20b")
@@ -208,38 +208,13 @@ def ade847_target_size(height: int, width: int, max_size: int = ADE847_MAX_SIZE)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()
-
-
-def _atomic_write(dst: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a hidden temporary file next to dst, then rename it over dst."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
 def save_label(array: np.ndarray, dst: Path) -> None:
     """Atomically save a uint8 PNG or a uint16 TIFF (PIL mode I;16), as CAT-Seg's scripts do."""
     fmt = "TIFF" if dst.suffix.lower() in (".tif", ".tiff") else "PNG"
     expected = np.uint16 if fmt == "TIFF" else np.uint8
     if array.dtype != expected or array.ndim != 2:
         raise ValueError(f"{dst}: a {fmt} label must be a 2-D {np.dtype(expected).name} array, got {array.dtype}")
-    _atomic_write(dst, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
+    files.atomic_write(dst, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
 
 
 def _place_image(src: Path, dst: Path, mode: str, overwrite: bool) -> str:
@@ -249,25 +224,21 @@ def _place_image(src: Path, dst: Path, mode: str, overwrite: bool) -> str:
             return "same"  # --out == --raw: the image is already in place
         if not overwrite:
             return "existing"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
+
+    def place(tmp: Path) -> None:
+        if mode == "copy":
+            shutil.copy2(src, tmp)
+            return
+        tmp.unlink()  # links need a free name
         if mode == "symlink":
             os.symlink(src.resolve(), tmp)
-        elif mode == "hardlink":
-            try:
-                os.link(src, tmp)
-            except OSError:  # another file system or no link support: copy instead
-                shutil.copy2(src, tmp)
-        else:
+            return
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system or no link support: copy instead
             shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+
+    files.atomic_write(dst, place)
     return "placed"
 
 
@@ -464,7 +435,7 @@ def _ade847_task(task: tuple, *, lut: np.ndarray, overwrite: bool) -> Outcome:
     if need_ann:
         save_label(convert_ade847(class_mask, lut), ann_dst)
     if need_img:  # CAT-Seg re-encodes every image: Image.fromarray(img).save(name.jpg), PIL's JPEG defaults
-        _atomic_write(img_dst, lambda tmp: Image.fromarray(image).save(tmp, format="JPEG"))
+        files.atomic_write(img_dst, lambda tmp: Image.fromarray(image).save(tmp, format="JPEG"))
     return _outcome(written=1, resized=int(size is not None))
 
 

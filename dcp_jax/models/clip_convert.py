@@ -373,11 +373,10 @@ def write_hf_checkpoint(params: dict[str, np.ndarray], config_dict: dict, out_di
     """Write config.json + model.safetensors (PyTorch layout, metadata format=pt) from our flat params."""
     from safetensors.numpy import save_file
 
+    from dcp_jax import files
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.array(v, dtype=np.float32, order="C") for k, v in ours_to_hf(params).items()}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    files.atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    files.write_text(out_dir / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return out_dir
