@@ -1,0 +1,283 @@
+r"""What category selection saves: parameters, FLOPs, latency and memory (the paper's Tables II and VII).
+
+  python -m dcp_jax.bench --config configs/dcp_vitb16_coco_stuff.py --out bench/b16
+  python -m dcp_jax.bench --config configs/dcp_vitb16_coco_stuff.py --vocab-sizes 150,847 --thetas 0,0.5 \
+      --train --torch --out bench/b16
+  python -m dcp_jax.bench --workdir runs/demo --dataset folder:runs/demo/toy_world --images 20 --out bench/demo
+
+For every (vocabulary size C, theta) it measures the inference forward of one image (`--mode`: the
+whole image, or CAT-Seg's 5 slide views), as the two compiled stages of dcp_jax/forward.py:
+CLIP + selection, then the head on the slot bucket K the selection needs (theta 0 decodes every
+class, K = C). GFLOPs come from XLA's cost analysis of each compiled stage (CLIP = stage 1, which
+includes the selection matmul; head = stage 2: TGA, SED, tag validation); latency is the median of
+`--runs` runs after a warm-up; memory is XLA's memory analysis of the compiled programs (arguments
++ outputs + temporaries of the larger stage) and, where the device reports one, its own peak.
+
+Random weights select nothing meaningful, so the number of selected classes comes either from
+`--selected N` (default 16) or, with `--workdir W --dataset SPEC`, from the trained model on the
+dataset's first `--images` images (its vocabulary, the mean per image); each row says which.
+`--train` adds one training step at batch 1 per theta on a C-class vocabulary (the largest of
+--vocab-sizes; K = C at theta 0, else model.dcs.num_slots): Table VII's memory and time columns.
+`--torch` times the same inference forward in the PyTorch reference (dcp_jax.torch_ref) on the
+same inputs and thread count. Writes OUT/bench.json ({"rows": [...]}) and OUT/bench.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dcp_jax import cli, distributed, files, forward, inference
+from dcp_jax.models import build, dcp, selection
+from dcp_jax.models.summary import count_params
+
+GIB = 2**30
+
+
+def _median_seconds(fn, runs: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (and compile)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _compiled_stats(compiled) -> tuple[float, float]:
+    """(GFLOPs, XLA memory in GiB: arguments + outputs + temporaries) of a compiled program."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = compiled.memory_analysis()
+    used = 0.0
+    if memory is not None:
+        used = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                - memory.alias_size_in_bytes) / GIB
+    return float(cost.get("flops", 0.0)) / 1e9, used
+
+
+def _device_peak_gib() -> float | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return stats["peak_bytes_in_use"] / GIB if stats and "peak_bytes_in_use" in stats else None
+
+
+def random_text(num_classes: int, num_templates: int, dim: int, seed: int = 0) -> np.ndarray:
+    t = np.random.default_rng(seed).standard_normal((num_classes, num_templates, dim)).astype(np.float32)
+    return t / np.linalg.norm(t, axis=-1, keepdims=True)
+
+
+class Bench:
+    """The model, its two compiled stages and the inputs of one image's views."""
+
+    def __init__(self, config, model, *, mode: str, seed: int = 0):
+        self.config = config
+        with config.unlocked():
+            config.eval.mode = mode
+        self.graphdef, self.params = nnx.split(model)
+        self.model = model
+        self.views_per_image = inference.num_views(mode, crop=int(config.train.crop_size),
+                                                   stride=int(config.eval.slide_stride),
+                                                   canvas=int(config.eval.slide_canvas))
+        crop = int(config.train.crop_size)
+        rng = np.random.default_rng(seed)
+        self.views = jnp.asarray(rng.uniform(0, 255, (self.views_per_image, crop, crop, 3)).astype(np.float32))
+
+    def stages(self, text: jax.Array, slots: int):
+        """Compiled stage 1 and stage 2 for this vocabulary and K, with their arguments."""
+        c = text.shape[0]
+        bar = selection.mean_text_embedding(text)
+        seen = jnp.ones(c, bool)
+        one = forward.encode_select.lower(self.graphdef, self.params, self.views, text,
+                                          views_per_image=self.views_per_image, max_slots=c).compile()
+        features, ranked = one(self.params, self.views, text)
+        # Slots 0..K-1 valid: the cost of decoding K classes does not depend on which they are.
+        slot_class = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (1, c))
+        slot_valid = jnp.arange(c)[None] < slots
+        args = (features, text, bar, slot_class, slot_valid, seen)
+        two = forward.decode.lower(self.graphdef, self.params, *args, views_per_image=self.views_per_image,
+                                   num_slots=slots).compile()
+        return (one, (self.params, self.views, text)), (two, (self.params, *args))
+
+    def row(self, text: jax.Array, slots: int, runs: int) -> dict:
+        (one, args_one), (two, args_two) = self.stages(text, slots)
+        clip_gflops, clip_mem = _compiled_stats(one)
+        head_gflops, head_mem = _compiled_stats(two)
+        latency = _median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
+        return {"slots": slots, "gflops": clip_gflops + head_gflops, "clip_gflops": clip_gflops,
+                "head_gflops": head_gflops, "latency_s": latency, "xla_memory_gib": max(clip_mem, head_mem),
+                "device_peak_gib": _device_peak_gib()}
+
+
+def measured_selection(workdir, config, spec: str, thetas, images: int) -> tuple[list[str], dict[float, float]]:
+    """The dataset's vocabulary and, per theta, the mean number of classes the trained model selects per
+    image (union over the views of `config.eval.mode`) on the dataset's first `images` images."""
+    from dcp_jax.data import datasets, pipeline
+    from dcp_jax.segmenter import Segmenter
+
+    ds = datasets.open_dataset(spec, "val", config.eval.data_root or None)
+    items = pipeline.eval_dataset(ds, short_side=config.eval.short_side, max_images=images)
+    counts = {}
+    for theta in thetas:
+        with config.unlocked():
+            config.model.dcs.theta = float(theta)  # a static attribute of the model: rebuilt per theta
+        segmenter = Segmenter.from_workdir(workdir, config)
+        segmenter.set_vocabulary(ds.class_names)
+        selected = []
+        for i in range(len(items)):
+            segmenter.segment([items[i]["image"]], resized=True, original_sizes=[items[i]["label"].shape])
+            selected.append(segmenter.last_slots["selected"])
+        counts[theta] = float(np.mean(selected))
+    return list(ds.class_names), counts
+
+
+def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
+    """One training step at batch 1 with K slots on a C-class vocabulary: time, GFLOPs, memory."""
+    from dcp_jax import optim, train
+
+    with config.unlocked():
+        config.model.dcs.num_slots = slots
+        config.train.batch_size = 1
+    mesh = distributed.make_mesh(devices=jax.local_devices()[:1])
+    optimizer = optim.make_optimizer(config, model)
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = distributed.tree_shardings(state, mesh, config.mesh)
+    step = train.make_train_step(config, graphdef, shardings, num_classes)
+    crop = int(config.train.crop_size)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (1, crop, crop, 3)), jnp.uint8),
+             "label": jnp.asarray(rng.integers(0, num_classes, (1, crop, crop)), jnp.int32)}
+    text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
+    compiled = step.lower(state, batch, text, None).compile()
+    gflops, memory = _compiled_stats(compiled)
+    holder = {"state": jax.device_put(state, shardings)}
+
+    def once():
+        holder["state"], metrics = compiled(holder["state"], batch, text, None)
+        return metrics
+
+    return {"train_slots": slots, "train_gflops": gflops, "train_step_s": _median_seconds(once, runs),
+            "train_xla_memory_gib": memory, "train_device_peak_gib": _device_peak_gib()}
+
+
+def format_markdown(rows: list[dict], header: dict) -> str:
+    lines = [f"# dcp_jax bench: {header['model']}, {header['mode']} mode, {header['device']}", "",
+             f"Parameters: {header['params_total'] / 1e6:.2f} M total, {header['params_learnable'] / 1e6:.2f} M "
+             f"learnable. Selected classes: {header['selected_from']}. Latency: median of {header['runs']} runs "
+             f"of one image ({header['views']} view(s)).", "",
+             "| C | theta | selected | K | GFLOPs | CLIP | head | latency s | XLA memory GiB |"
+             + (" torch s | JAX/torch |" if any("torch_latency_s" in r for r in rows) else "")
+             + (" train K | train s | train GFLOPs | train memory GiB |" if any("train_slots" in r for r in rows) else ""),
+             ]
+    lines.append("|" + "---|" * (lines[-1].count("|") - 1))
+    for r in rows:
+        cells = [str(r["vocab_size"]), f"{r['theta']:g}", f"{r['selected']:.1f}", str(r["slots"]), f"{r['gflops']:.1f}",
+                 f"{r['clip_gflops']:.1f}", f"{r['head_gflops']:.1f}", f"{r['latency_s']:.3f}",
+                 f"{r['xla_memory_gib']:.2f}"]
+        if "torch_latency_s" in r:
+            cells += [f"{r['torch_latency_s']:.3f}", f"{r['latency_s'] / r['torch_latency_s']:.2f}"]
+        if "train_slots" in r:
+            cells += [str(r["train_slots"]), f"{r['train_step_s']:.2f}", f"{r['train_gflops']:.1f}",
+                      f"{r['train_xla_memory_gib']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from absl import flags
+    cmd = cli.Command("python -m dcp_jax.bench", __doc__, argv, config=cli.default_config())
+    f = cmd.flags
+    flags.DEFINE_string("vocab-sizes", "20,59,150,459,847", "vocabulary sizes C (random unit text embeddings)",
+                        flag_values=f)
+    flags.DEFINE_string("thetas", "0,0.3,0.5,0.7,0.9", "DCS thresholds; 0 decodes every class", flag_values=f)
+    flags.DEFINE_enum("mode", "whole", ["whole", "slide"], "one view per image, or CAT-Seg's 5 slide views",
+                      flag_values=f)
+    flags.DEFINE_integer("selected", 16, "classes selected per image at theta > 0, with random weights",
+                         flag_values=f)
+    flags.DEFINE_string("workdir", None, "a trained workdir: measure the selected classes on --dataset instead",
+                        flag_values=f)
+    flags.DEFINE_string("dataset", None, "dataset spec for --workdir (its vocabulary is the one measured)",
+                        flag_values=f)
+    flags.DEFINE_integer("images", 20, "images of --dataset to count selected classes on", flag_values=f)
+    flags.DEFINE_integer("runs", 5, "timed runs per row, after one warm-up", flag_values=f)
+    flags.DEFINE_bool("train", False, "also time one training step at batch 1 per theta", flag_values=f)
+    flags.DEFINE_bool("torch", False, "also time the PyTorch reference on the same inputs", flag_values=f)
+    flags.DEFINE_integer("threads", 0, "torch threads for --torch (0 = os.cpu_count())", flag_values=f)
+    flags.DEFINE_string("out", None, "output directory for bench.json and bench.md", flag_values=f)
+    cmd.required("out")
+    args = cmd.parse()
+    return cmd.run(lambda: run(cmd, args))
+
+
+def run(cmd, args) -> None:
+    from tqdm import tqdm
+
+    thetas = [float(t) for t in args.thetas.split(",") if t.strip()]
+    if args.workdir:
+        if not args.dataset:
+            raise ValueError("--workdir needs --dataset SPEC: the selected classes are counted on its images")
+        from dcp_jax import checkpoint
+        config = cmd.config(args.workdir)
+        vocabulary, counts = measured_selection(args.workdir, config, args.dataset, thetas, args.images)
+        sizes = [len(vocabulary)]
+        model = checkpoint.restore_model(args.workdir, config)[0]
+        selected_from = f"the trained model on {args.dataset} ({args.images} images, mean per image)"
+    else:
+        config = cmd.config()
+        sizes = [int(c) for c in args["vocab-sizes"].value.split(",") if c.strip()]
+        counts = None
+        model = build.create_model(config)
+        selected_from = f"--selected {args.selected} (random weights)"
+    counted = count_params(model, config)["TOTAL"]
+    bench = Bench(config, model, mode=args.mode)
+    out = Path(args.out)
+    reference = _torch_reference(model, config) if args.torch else None
+    rows = []
+    for c in sizes:
+        text = jnp.asarray(random_text(c, dcp.num_templates(config), model.clip_dim))
+        for theta in tqdm(thetas, desc=f"bench C={c}", unit="row", total=len(thetas), file=sys.stderr):
+            selected = float(c) if theta <= 0 else (counts[theta] if counts else float(min(args.selected, c)))
+            cap = c if theta <= 0 else forward.bucket_cap(config.eval.num_slots, c)
+            slots = forward.slot_bucket(int(np.ceil(selected)), cap)
+            row = {"vocab_size": c, "theta": theta, "selected": selected, "selected_from": selected_from,
+                   "params_total": counted[0], "params_learnable": counted[1], **bench.row(text, slots, args.runs)}
+            if reference is not None:
+                from dcp_jax import torch_ref
+                # The same K as the JAX row (bucket=False: K = max_slots), tag validation included.
+                row["torch_latency_s"] = torch_ref.time_forward(
+                    reference, np.asarray(bench.views), np.asarray(text), seen=np.ones(c, bool), max_slots=slots,
+                    bucket=False, runs=args.runs, threads=args.threads or os.cpu_count())
+            rows.append(row)
+    if args.train:
+        c = max(sizes)
+        for row in tqdm([r for r in rows if r["vocab_size"] == c], desc="bench train", unit="row", file=sys.stderr):
+            slots = c if row["theta"] <= 0 else int(config.model.dcs.num_slots)
+            row.update(train_row(config, build.create_model(config), c, slots, args.runs))
+    header = {"model": f"{config.clip.variant or 'tiny'} @ {config.clip.image_size}", "mode": args.mode,
+              "device": f"{jax.devices()[0].platform} x1", "params_total": counted[0],
+              "params_learnable": counted[1], "selected_from": selected_from, "runs": args.runs,
+              "views": bench.views_per_image}
+    files.write_json(out / "bench.json", {"header": header, "rows": rows})
+    files.write_text(out / "bench.md", format_markdown(rows, header))
+    print(format_markdown(rows, header))
+
+
+def _torch_reference(model, config):
+    from dcp_jax import export, torch_ref
+
+    directory = Path(tempfile.mkdtemp(prefix="dcp_bench_export_"))
+    export.write_export(model, config, directory, tokenizer_dir=None)
+    return torch_ref.load_reference(directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

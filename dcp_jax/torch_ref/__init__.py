@@ -1,0 +1,29 @@
+"""A PyTorch reference of DCP-CLIP, built from an export directory alone (python -m dcp_jax.export).
+
+    from dcp_jax.torch_ref import load_reference
+    ref = load_reference("exports/b16")            # transformers CLIPModel + the head in torch.nn
+    features = ref.encode(images)                  # [B,S,S,3] RGB 0..255
+    logits = ref.decode(features, T, slot_class, slot_valid, guidance_text)   # == DCPCLIP.decode
+    out = ref(images, T, seen=seen)                # encode + DCS + head + tag validation
+
+head.py holds the head (one torch module per flax module, same parameter names), model.py the CLIP
+features, DCS, tag validation and loading, timing.py `time_forward`, verify.py `verify_export`
+(the JAX-vs-torch check behind `--verify`; the only part that imports JAX). torch is imported
+nowhere else in dcp_jax. Needs the `torch` extra: pip install 'dcp_jax[torch]'.
+"""
+
+from dcp_jax.torch_ref.model import ExportMismatchError, TorchDCP, load_config, load_reference
+from dcp_jax.torch_ref.timing import time_forward
+
+TOLERANCE = 1e-4  # max |jax - torch| of the head's float32 logits that --verify accepts
+
+
+def __getattr__(name):  # verify.py imports JAX: only on use
+    if name in ("verify_export", "compare_export"):
+        from dcp_jax.torch_ref import verify
+        return getattr(verify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ExportMismatchError", "TOLERANCE", "TorchDCP", "compare_export", "load_config", "load_reference",
+           "time_forward", "verify_export"]

@@ -1,0 +1,56 @@
+"""Timing the PyTorch inference forward (for benchmarks against the compiled JAX path)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from dcp_jax.torch_ref.model import TorchDCP
+
+
+def time_forward(reference: TorchDCP, images, text_embeds, guidance_text=None, seen=None, *,
+                 max_slots: int | None = None, bucket: bool = True, runs: int = 10, warmup: int = 1,
+                 threads: int | None = None) -> float:
+    """Median wall-clock seconds of `reference(images, text_embeds, guidance_text, seen, ...)`.
+
+    What one timed call includes (TorchDCP.forward, one view per image, like dcp_jax/forward.py's
+    encode_select + decode on whole-mode views): pixel normalisation and the bilinear resize to the
+    CLIP input size (a no-op at the crop size), the CLIP image tower with the dense / guidance-layer /
+    last-attention features, DCS over the whole vocabulary, the slot bucket (`bucket`), the head (TGA
+    + SED) on K slots and tag validation (when `seen` is given and model.tv.enabled).
+    Excluded: the vocabulary's text embeddings and the guidance text (inputs: computed once per
+    vocabulary on both sides), moving the inputs into tensors on the reference's device (done once,
+    before timing), view making / combining and the final argmax to a label map.
+
+    Runs under torch.inference_mode() after `warmup` untimed calls; `threads`: torch.set_num_threads
+    for the duration (restored after). CUDA is synchronised around each call.
+    """
+    if runs < 1:
+        raise ValueError(f"runs={runs}: must be >= 1")
+    device = next(reference.parameters()).device
+    as_tensor = lambda x, dtype: None if x is None else torch.as_tensor(x, dtype=dtype, device=device)  # noqa: E731
+    images, text_embeds = as_tensor(images, torch.float32), as_tensor(text_embeds, torch.float32)
+    guidance_text, seen = as_tensor(guidance_text, torch.float32), as_tensor(seen, torch.bool)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        with torch.inference_mode():
+            def call():
+                return reference(images, text_embeds, guidance_text, seen, max_slots=max_slots, bucket=bucket)
+
+            for _ in range(warmup):
+                call()
+            sync()
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                call()
+                sync()
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return statistics.median(times)
