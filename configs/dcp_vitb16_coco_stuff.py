@@ -90,8 +90,9 @@ def get_config(arg=None):
     c.train.num_workers = 4  # grain worker processes per host (0 = in-process)
     c.train.skip_bad_samples = False  # skip (and count) unreadable samples instead of failing
     c.train.ignore_as_negative = True  # ignore pixels are negatives for every slot (CAT-Seg)
-    c.train.synthetic_images = 0  # > 0: write a synthetic folder dataset at train.dataset if missing
-    c.train.synthetic_size = 128
+    c.train.synthetic_images = 0  # > 0: write the toy world's benchmark at train.dataset (folder:) if missing
+    c.train.synthetic_size = 96  # ... its image side
+    c.train.synthetic_val_images = 60  # ... and how many of its images are the val split
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
@@ -123,6 +124,7 @@ def get_config(arg=None):
     c.eval.slide_canvas = 640  # slide mode: the image is stretched to canvas x canvas ...
     c.eval.slide_stride = 256  # ... and cut into train.crop_size crops with this stride
     c.eval.max_images = 0  # 0 = every image (a positive value evaluates a prefix)
+    c.eval.zero_shot_baseline = False  # the final table also scores the starting CLIP with no head (W/eval/zero_shot)
 
     if arg.runlocal:  # the same recipe, a few steps and images: a smoke test before a long run
         c.total_steps = 10

@@ -16,8 +16,10 @@ includes the selection matmul; head = stage 2: TGA, SED, tag validation); latenc
 Random weights select nothing meaningful, so the number of selected classes comes either from
 `--selected N` (default 16) or, with `--workdir W --dataset SPEC`, from the trained model on the
 dataset's first `--images` images (its vocabulary, the mean per image); each row says which.
-`--train` adds one training step at batch 1 per theta on a C-class vocabulary (the largest of
---vocab-sizes; K = C at theta 0, else model.dcs.num_slots): Table VII's memory and time columns.
+`--train` adds one training step at batch 1 per theta on the `--train-classes`-class training vocabulary
+(default 171, COCO-Stuff's; K = 171 at theta 0, else model.dcs.num_slots), to the rows of that vocabulary
+size: Table VII's memory and time columns. A step whose compiled program would need more than 80 % of this
+machine's memory is compiled and reported but not run.
 `--torch` times the same inference forward in the PyTorch reference (dcp_jax.torch_ref) on the
 same inputs and thread count. Writes OUT/bench.json ({"rows": [...]}) and OUT/bench.md.
 """
@@ -80,9 +82,6 @@ class Bench:
     """The model, its two compiled stages and the inputs of one image's views."""
 
     def __init__(self, config, model, *, mode: str, seed: int = 0):
-        self.config = config
-        with config.unlocked():
-            config.eval.mode = mode
         self.graphdef, self.params = nnx.split(model)
         self.model = model
         self.views_per_image = inference.num_views(mode, crop=int(config.train.crop_size),
@@ -107,6 +106,10 @@ class Bench:
         two = forward.decode.lower(self.graphdef, self.params, *args, views_per_image=self.views_per_image,
                                    num_slots=slots).compile()
         return (one, (self.params, self.views, text)), (two, (self.params, *args))
+
+    def head_gflops(self, text: jax.Array, slots: int) -> float:
+        """GFLOPs of the compiled head (stage 2) at K = slots."""
+        return _compiled_stats(self.stages(text, slots)[1][0])[0]
 
     def row(self, text: jax.Array, slots: int, runs: int) -> dict:
         (one, args_one), (two, args_two) = self.stages(text, slots)
@@ -159,14 +162,22 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     compiled = step.lower(state, batch, text, None).compile()
     gflops, memory = _compiled_stats(compiled)
+    result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,
+              "train_device_peak_gib": None}
+    if jax.devices()[0].platform == "cpu" and memory * GIB > 0.8 * _physical_memory_bytes():
+        return result  # it would swap or be killed: report what XLA planned, do not run it
     holder = {"state": jax.device_put(state, shardings)}
 
     def once():
         holder["state"], metrics = compiled(holder["state"], batch, text, None)
         return metrics
 
-    return {"train_slots": slots, "train_gflops": gflops, "train_step_s": _median_seconds(once, runs),
-            "train_xla_memory_gib": memory, "train_device_peak_gib": _device_peak_gib()}
+    result.update(train_step_s=_median_seconds(once, runs), train_device_peak_gib=_device_peak_gib())
+    return result
+
+
+def _physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def format_markdown(rows: list[dict], header: dict) -> str:
@@ -186,7 +197,8 @@ def format_markdown(rows: list[dict], header: dict) -> str:
         if "torch_latency_s" in r:
             cells += [f"{r['torch_latency_s']:.3f}", f"{r['latency_s'] / r['torch_latency_s']:.2f}"]
         if "train_slots" in r:
-            cells += [str(r["train_slots"]), f"{r['train_step_s']:.2f}", f"{r['train_gflops']:.1f}",
+            step_s = "not run (memory)" if r["train_step_s"] is None else f"{r['train_step_s']:.2f}"
+            cells += [str(r["train_slots"]), step_s, f"{r['train_gflops']:.1f}",
                       f"{r['train_xla_memory_gib']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -210,6 +222,8 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("images", 20, "images of --dataset to count selected classes on", flag_values=f)
     flags.DEFINE_integer("runs", 5, "timed runs per row, after one warm-up", flag_values=f)
     flags.DEFINE_bool("train", False, "also time one training step at batch 1 per theta", flag_values=f)
+    flags.DEFINE_integer("train-classes", 171, "training vocabulary size of --train (COCO-Stuff: 171)",
+                         flag_values=f)
     flags.DEFINE_bool("torch", False, "also time the PyTorch reference on the same inputs", flag_values=f)
     flags.DEFINE_integer("threads", 0, "torch threads for --torch (0 = os.cpu_count())", flag_values=f)
     flags.DEFINE_string("out", None, "output directory for bench.json and bench.md", flag_values=f)
@@ -258,7 +272,9 @@ def run(cmd, args) -> None:
                     bucket=False, runs=args.runs, threads=args.threads or os.cpu_count())
             rows.append(row)
     if args.train:
-        c = max(sizes)
+        c = args["train-classes"].value
+        if c not in sizes:
+            raise ValueError(f"--train-classes={c} must be one of --vocab-sizes ({sizes}): its rows get the columns")
         for row in tqdm([r for r in rows if r["vocab_size"] == c], desc="bench train", unit="row", file=sys.stderr):
             slots = c if row["theta"] <= 0 else int(config.model.dcs.num_slots)
             row.update(train_row(config, build.create_model(config), c, slots, args.runs))

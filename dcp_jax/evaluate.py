@@ -47,10 +47,13 @@ def evaluate_dataset(segmenter: Segmenter, spec: str, *, data_root: str | None =
                disable=not progress or not distributed.is_primary())
     start = time.time()
     batch: list[dict] = []
+    slots: list[dict] = []  # per batch: the largest selected count and the slot bucket it needed
 
     def flush():
         labels = segmenter.segment([b["image"] for b in batch], resized=True,
                                    original_sizes=[b["label"].shape for b in batch])
+        if segmenter.last_slots is not None:
+            slots.append(segmenter.last_slots)
         for item, pred in zip(batch, labels):
             confusion.update(metrics_lib.map_predictions(pred, ds.pred_to_label), item["label"])
         bar.update(len(batch))
@@ -82,12 +85,15 @@ def evaluate_dataset(segmenter: Segmenter, spec: str, *, data_root: str | None =
     result.update(dataset=ds.name, spec=spec, num_images=num_images, mode=config.eval.mode,
                   num_slots=int(config.eval.num_slots), class_names=label_names,
                   seconds_per_image=(time.time() - start) / max(1, len(items)))
+    if slots:  # what category selection decided (this host's batches)
+        result.update(selected_mean=float(np.mean([s["selected"] for s in slots])),
+                      buckets={str(k): sum(s["bucket"] == k for s in slots) for k in sorted({s["bucket"] for s in slots})})
     return result
 
 
 def evaluate_datasets(segmenter: Segmenter, specs: list[str], *, workdir: Path, step: int,
                       data_root: str | None = None, max_images: int = 0, command: str | None = None,
-                      out_dir: str | Path | None = None) -> dict:
+                      out_dir: str | Path | None = None, print_table: bool = True) -> dict:
     """Evaluate each dataset, write <out_dir>/<name>.json, print the table; returns {name: result}.
 
     out_dir defaults to W/eval (W/eval/zero_shot for the zero-shot baseline, so it never overwrites
@@ -103,8 +109,8 @@ def evaluate_datasets(segmenter: Segmenter, specs: list[str], *, workdir: Path, 
         results[result["dataset"]] = result
         if distributed.is_primary():
             files.write_json(Path(out_dir) / f"{result['dataset']}.json", result)
-    if distributed.is_primary():
-        print(format_table(results, step=step))
+    if distributed.is_primary() and print_table:
+        print(format_table({str(step): results}))
     return results
 
 
@@ -115,21 +121,26 @@ def parse_specs(datasets: str) -> list[str]:
     return specs
 
 
-def format_table(results: dict, *, step: int | None = None) -> str:
-    """A markdown table in the layout of the paper's Table I (known benchmarks first, in its order);
-    datasets with unseen classes get their seen / unseen / hIoU columns too."""
+def format_table(rows: dict[str, dict], *, label: str = "step") -> str:
+    """A markdown table in the layout of the paper's Table I (known benchmarks first, in its order): one
+    row per {row name: {dataset: result}}; datasets with unseen classes get seen / unseen / hIoU columns."""
+    results = next(iter(rows.values()))
     order = [n for n in TABLE_NAMES if n in results] + [n for n in results if n not in TABLE_NAMES]
-    header, row = ["step"], [str(step if step is not None else "")]
+    header = [label]
     for name in order:
-        r = results[name]
         header.append(TABLE_NAMES.get(name, name))
-        row.append(f"{r['mIoU']:.1f}")
-        if "hIoU" in r:
-            for key, label in (("mIoU_seen", "seen"), ("mIoU_unseen", "unseen"), ("hIoU", "hIoU")):
-                header.append(f"{TABLE_NAMES.get(name, name)} {label}")
-                row.append("-" if r[key] is None else f"{r[key]:.1f}")
-    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-    return "\n".join(["mIoU (%)", line(header), "|" + "---|" * len(header), line(row)])
+        if "hIoU" in results[name]:
+            header += [f"{TABLE_NAMES.get(name, name)} {part}" for part in ("seen", "unseen", "hIoU")]
+    lines = ["mIoU (%)", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row_name, row in rows.items():
+        cells = [str(row_name)]
+        for name in order:
+            r = row[name]
+            cells.append(f"{r['mIoU']:.1f}")
+            if "hIoU" in results[name]:
+                cells += ["-" if r.get(k) is None else f"{r[k]:.1f}" for k in ("mIoU_seen", "mIoU_unseen", "hIoU")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class Segmenter:
         local_model = nnx.merge(self._graphdef, self._params)
         self._text_model = local_model if zero_shot else local_model.frozen_text_clip()
         self.class_names: list[str] | None = None
+        self.last_slots: dict | None = None  # {"selected", "bucket"} of the last batch (not for zero-shot)
         forward.enable_compilation_cache()
 
     # -- construction ---------------------------------------------------------------------------

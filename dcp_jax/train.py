@@ -47,7 +47,14 @@ class NonFiniteLossError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 def clip_checkpoint_path(config, workdir: Path, *, create: bool) -> Path:
-    """The CLIP weights (and tokenizer) a run starts from; clip.checkpoint == "" writes a random tiny CLIP into W."""
+    """The CLIP weights (and tokenizer) a run starts from: clip.checkpoint; "toy:" = the toy CLIP pre-trained
+    here (dcp_jax.toy_clip, cached under $DCP_JAX_CACHE); "" writes a random tiny CLIP into W."""
+    if config.clip.checkpoint == "toy:":
+        from dcp_jax import toy_clip
+        if distributed.is_primary():
+            toy_clip.ensure_toy_clip()
+        distributed.sync("toy_clip")
+        return toy_clip.ensure_toy_clip()  # cached by now
     if config.clip.checkpoint:
         path = Path(config.clip.checkpoint).expanduser()
         if not path.exists():
@@ -68,16 +75,20 @@ def clip_checkpoint_path(config, workdir: Path, *, create: bool) -> Path:
 
 
 def maybe_write_synthetic(config, workdir: Path) -> None:
+    """train.synthetic_images > 0: write the toy world's seen/unseen benchmark at train.dataset if missing."""
     n = config.train.get("synthetic_images", 0)
     spec = config.train.dataset
     if not n or not spec.startswith("folder:"):
         return
     out = Path(spec[len("folder:"):])
-    if not (out / "classes.json").exists():
+    if not (out / "meta.json").exists():
         if distributed.is_primary():
-            from dcp_jax.data.synthetic import write_synthetic_dataset
-            _say(f"writing {n} synthetic images to {out}")
-            write_synthetic_dataset(out, num_images=n, seed=config.seed, size=config.train.get("synthetic_size", 128))
+            from dcp_jax.data import toy_world
+            _say(f"writing {n} toy-world images to {out}")
+            with files.atomic_directory(out, overwrite=True) as tmp:
+                toy_world.write_benchmark(tmp, num_images=n, seed=config.seed,
+                                          size=config.train.get("synthetic_size", 96),
+                                          val_fraction=config.train.get("synthetic_val_images", n // 4) / n)
         distributed.sync("synthetic")
 
 
@@ -236,7 +247,7 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
 
     def evaluate(step: int, *, final: bool) -> dict:
         nnx.update((model, optimizer), state)
-        return _evaluate(config, workdir, model, step, tokenizer, writer, final=final)
+        return _evaluate(config, workdir, model, step, tokenizer, writer, final=final, clip_path=clip_path)
 
     # --- SIGTERM: save at the next step boundary and exit ---
     stop_requested = {"flag": False}
@@ -295,21 +306,31 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
     return summary
 
 
-def _evaluate(config, workdir: Path, model, step: int, tokenizer, writer: MetricWriter, *, final: bool) -> dict:
-    """The periodic evaluation (eval.during_training) or the final table (eval.datasets)."""
+def _evaluate(config, workdir: Path, model, step: int, tokenizer, writer: MetricWriter, *, final: bool,
+              clip_path: Path) -> dict:
+    """The periodic evaluation (eval.during_training) or the final table (eval.datasets), then with
+    eval.zero_shot_baseline the zero-shot CLIP the run started from, on the same images, beside it."""
     specs = config.eval.datasets if final else config.eval.during_training
     if not specs:
         return {}
     from dcp_jax import evaluate
     from dcp_jax.segmenter import Segmenter
     segmenter = Segmenter(model, config, tokenizer, train_classes=ckpt_lib.load_train_classes(workdir), step=step)
+    common = dict(workdir=workdir, step=step, data_root=config.eval.data_root or None,
+                  max_images=config.eval.max_images if final else config.eval.during_training_images)
+    baseline = final and config.eval.get("zero_shot_baseline", False)
     results = evaluate.evaluate_datasets(
-        segmenter, evaluate.parse_specs(specs), workdir=workdir, step=step, data_root=config.eval.data_root or None,
-        max_images=config.eval.max_images if final else config.eval.during_training_images,
+        segmenter, evaluate.parse_specs(specs), **common, print_table=not baseline,
         command=f"dcp_jax.train ({'final' if final else 'periodic'} evaluation, step {step})",
         out_dir=None if final else workdir / ckpt_lib.EVAL_DIR / "during_training")
     for name, result in results.items():
         writer.write(step, {f"{name}/mIoU": result["mIoU"]}, prefix="eval")
+    if baseline:
+        zero_shot = evaluate.evaluate_datasets(Segmenter.from_clip(clip_path, config), evaluate.parse_specs(specs),
+                                               **common, print_table=False, command="dcp_jax.train (zero-shot baseline)")
+        if distributed.is_primary():
+            print(evaluate.format_table({f"DCP-CLIP, step {step}": results, "zero-shot CLIP": zero_shot},
+                                        label="model"))
     return results
 
 

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dcp_jax.data.datasets import DatasetError, open_dataset
 from dcp_jax.data.pipeline import eval_dataset, make_global_batch, train_dataset
-from dcp_jax.data.synthetic import write_synthetic_dataset
+from dcp_jax.data.toy_world import write_benchmark
 
 
 class IdentitySource:
@@ -52,7 +52,7 @@ def assert_batches_equal(a, b):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    path = write_synthetic_dataset(tmp_path_factory.mktemp("syn") / "syn", num_images=20, seed=0, size=48)
+    path = write_benchmark(tmp_path_factory.mktemp("syn") / "syn", num_images=20, seed=0, size=48)
     return open_dataset(f"folder:{path}", "train")
 
 
@@ -167,7 +167,7 @@ def test_bad_sample_error_propagates_with_the_file_name():
 
 
 def test_skip_a_truly_corrupt_file(tmp_path):
-    path = write_synthetic_dataset(tmp_path / "syn", num_images=4, seed=0, size=32, val_fraction=0)
+    path = write_benchmark(tmp_path / "syn", num_images=4, seed=0, size=32)
     (path / "images/train/000001.png").write_bytes(b"corrupt")
     ds = open_dataset(f"folder:{path}", "train")
     batch = next(iter(_train(ds, global_batch_size=4, skip_bad_samples=True)))

@@ -16,7 +16,7 @@ from PIL import Image
 from dcp_jax.data import datasets
 from dcp_jax.data.datasets import DatasetError, open_dataset
 from dcp_jax.data.pipeline import eval_dataset, train_dataset
-from dcp_jax.data.synthetic import write_synthetic_dataset
+from dcp_jax.data.toy_world import write_benchmark
 from dcp_jax.data.tfds_data import pack
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def folder(tmp_path):
-    path = write_synthetic_dataset(tmp_path / "syn", num_images=8, seed=1, size=32)
+    path = write_benchmark(tmp_path / "syn", num_images=8, seed=1, size=32)
     meta = json.loads((path / "meta.json").read_text())
-    (path / "meta.json").write_text(json.dumps({**meta, "unseen_classes": ["sky"]}))
+    (path / "meta.json").write_text(json.dumps({**meta, "unseen_classes": ["sky"], "name": "syn"}))
     return path
 
 

@@ -21,7 +21,7 @@ from test_train import tiny_run_config
 from dcp_jax import evaluate
 from dcp_jax import predict
 from dcp_jax import train
-from dcp_jax.data.synthetic import write_synthetic_dataset
+from dcp_jax.data.toy_world import write_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "tiny.py")
@@ -33,9 +33,9 @@ TINY_CONFIG = str(REPO / "configs" / "tiny.py")
 # --------------------------------------------------------------------------------------------------
 
 def trained_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(workdir, data_dir): 12 synthetic 64-px images (9 train, 3 val), 4 training steps, checkpoints 2 and 4.
+    """(workdir, data_dir): 12 toy-world 64-px images (9 train, 3 val), 4 training steps, checkpoints 2 and 4.
 
-    Data seed 1 leaves 3 of the 9 classes out of the val images, so "classes without ground truth" is exercised.
+    3 val images hold a few of the 28 classes, so "classes without ground truth" is exercised.
 
     The training settings are test_train.py's (same compiled programs: a full test session compiles them once).
     Small test-time geometry so that slide mode is cheap: short side 64, canvas 96, crop 64, stride 32 gives
@@ -48,7 +48,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
 def _trained_run(basetemp: Path) -> tuple[Path, Path]:
     root = basetemp / "eval_predict_run"
     root.mkdir()
-    data_dir = write_synthetic_dataset(root / "synth", num_images=12, seed=1, size=64)
+    data_dir = write_benchmark(root / "synth", num_images=12, seed=1, size=64)
     # test_train's settings, so a full run reuses its compiled training programs.
     c = tiny_run_config(data_dir, **{"checkpoint_every_steps": 2, "eval.short_side": 64,
                                      "eval.slide_canvas": 96, "eval.slide_stride": 32})
@@ -74,7 +74,7 @@ def _predicted(basetemp: Path, mode: str) -> Path:
     return out_dir
 
 
-VAL_STEMS = ("000009", "000010", "000011")  # the last 3 of the 12 images
+VAL_STEMS = ("000000", "000001", "000002")  # the 3 val images of the 12
 
 
 def dataset_classes(data_dir) -> list[str]:
@@ -131,8 +131,8 @@ def results(run):
         with contextlib.redirect_stdout(stdout):
             code = evaluate.main(["--workdir", str(workdir), f"--config.eval.datasets=folder:{data_dir}",
                                   f"--config.eval.mode={mode}"])
-        # Parsed now: later tests write eval/synth.json again.
-        out[mode] = code, stdout.getvalue(), json.loads((workdir / "eval" / "synth.json").read_text())
+        # Parsed now: later tests write eval/toy_world.json again.
+        out[mode] = code, stdout.getvalue(), json.loads((workdir / "eval" / "toy_world.json").read_text())
     return out
 
 
@@ -159,11 +159,14 @@ def test_evaluate_writes_the_result_json_and_prints_the_table(run, results, mode
     assert len(result["per_class_iou"]) == len(classes)
     assert [v is not None for v in result["per_class_iou"]] == [c in present for c in range(len(classes))]
     assert len(present - {-1}) < len(classes)  # the check above sees both kinds
-    # The markdown table: a header with the dataset's name and a row with the step and the rounded mIoU.
+    # The markdown table: a header with the dataset's name (and its seen / unseen / hIoU columns: the toy
+    # world declares unseen classes) and a row with the step and the rounded numbers.
     lines = stdout.splitlines()
-    header = lines.index("| step | synth |")
-    assert lines[header + 1] == "|---|---|"
-    assert lines[header + 2] == f"| 4 | {result['mIoU']:.1f} |"
+    header = lines.index("| step | toy_world | toy_world seen | toy_world unseen | toy_world hIoU |")
+    assert lines[header + 1] == "|---|---|---|---|---|"
+    cells = [f"{result['mIoU']:.1f}"] + ["-" if result[k] is None else f"{result[k]:.1f}"
+                                         for k in ("mIoU_seen", "mIoU_unseen", "hIoU")]
+    assert lines[header + 2] == "| 4 | " + " | ".join(cells) + " |"
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
@@ -201,13 +204,13 @@ def test_subprocess_with_a_chosen_checkpoint(run):
                            "--config.eval.max_images=2", "--checkpoint", "2"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((workdir / "eval" / "synth.json").read_text())
+    result = json.loads((workdir / "eval" / "toy_world.json").read_text())
     assert result["step"] == 2 and result["checkpoint"].endswith(str(Path("checkpoints") / "2"))
     assert result["num_images"] == 2 and result["mode"] == "whole"
     assert result["command"].startswith("python -m dcp_jax.evaluate --workdir")
     assert "--checkpoint 2" in result["command"]
-    assert "| step | synth |" in proc.stdout and f"| 2 | {result['mIoU']:.1f} |" in proc.stdout
-    assert "eval synth" in proc.stderr  # the progress bar
+    assert "| step | toy_world |" in proc.stdout and f"| 2 | {result['mIoU']:.1f} |" in proc.stdout
+    assert "eval toy_world" in proc.stderr  # the progress bar
 
 
 def test_zero_shot_baseline(run, tmp_path, capsys):
@@ -217,8 +220,8 @@ def test_zero_shot_baseline(run, tmp_path, capsys):
                                   "--config", TINY_CONFIG, f"--config.eval.datasets=folder:{data_dir}",
                                   "--config.eval.max_images=1")
     assert code == 0, err
-    result = json.loads((out_dir / "eval" / "zero_shot" / "synth.json").read_text())  # never the trained results
-    assert not (out_dir / "eval" / "synth.json").exists()
+    result = json.loads((out_dir / "eval" / "zero_shot" / "toy_world.json").read_text())  # not the trained results
+    assert not (out_dir / "eval" / "toy_world.json").exists()
     assert result["zero_shot"] is True and result["step"] == 0 and result["num_images"] == 1
     assert result["mode"] == "whole"  # configs/tiny.py's eval.mode
     assert 0.0 <= result["mIoU"] <= 100.0

@@ -29,7 +29,7 @@ from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax import export, optim, train
 from dcp_jax.configs import tiny
 from dcp_jax import text as text_lib
-from dcp_jax.data.synthetic import write_synthetic_dataset
+from dcp_jax.data.toy_world import write_benchmark
 from dcp_jax.models import clip as clip_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def is_head(path) -> bool:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "synthetic"
-    write_synthetic_dataset(data, 8, 0, size=64)
+    write_benchmark(data, 8, 0, size=64)
     c = tiny.get_config()
     c.train.dataset = f"folder:{data}"
     c.eval.datasets = ""

@@ -113,3 +113,17 @@ def test_errors_name_the_problem():
         cm.update(np.zeros((2, 2)), np.zeros((2, 2), int))
     with pytest.raises(ValueError, match="no labelled pixels"):
         metrics.compute_metrics(cm.update(np.zeros((2, 2), int), np.full((2, 2), -1)).counts)
+
+
+def test_seen_unseen_and_harmonic_mean_by_hand():
+    # Classes 0..3; 2 and 3 unseen; class 1 has no ground truth (None) and counts in neither mean.
+    per_class_iou = [60.0, None, 20.0, 40.0]
+    unseen = [False, False, True, True]
+    r = metrics.seen_unseen(per_class_iou, unseen)
+    assert r["mIoU_seen"] == pytest.approx(60.0)
+    assert r["mIoU_unseen"] == pytest.approx(30.0)
+    assert r["hIoU"] == pytest.approx(2 * 60 * 30 / 90)  # 40.0
+    assert metrics.seen_unseen([10.0, None], [False, True]) == {"mIoU_seen": 10.0, "mIoU_unseen": None, "hIoU": None}
+    assert metrics.seen_unseen([0.0, 0.0], [False, True])["hIoU"] == 0.0
+    with pytest.raises(ValueError, match="unseen mask"):
+        metrics.seen_unseen([1.0], [True, False])

@@ -16,7 +16,7 @@ import pytest
 from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax import train
 from dcp_jax.configs import demo, tiny
-from dcp_jax.data.synthetic import write_synthetic_dataset
+from dcp_jax.data.toy_world import write_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "data"
-    write_synthetic_dataset(out, num_images=16, seed=0, size=64)
+    write_benchmark(out, num_images=16, seed=0, size=64)
     return out
 
 
@@ -117,16 +117,46 @@ def test_batch_not_divisible_by_devices_is_an_error(data_dir, tmp_path):
         train.train_and_evaluate(tiny_run_config(data_dir, **{"train.batch_size": 6}), tmp_path)
 
 
-def test_demo_config_runs_a_few_steps_and_evaluates(tmp_path):
+def test_demo_config_runs_a_few_steps_and_evaluates(tmp_path, toy_clip_checkpoint, monkeypatch, capsys):
+    """The demo's recipe end to end, on the tests' quicker toy CLIP (clip.checkpoint "toy:" resolves to it)."""
+    from dcp_jax import toy_clip
+
+    monkeypatch.setattr(toy_clip, "ensure_toy_clip", lambda: toy_clip_checkpoint)
     config = demo.get_config()
     config.total_steps = 2
-    config.train.synthetic_images = 12
+    config.train.synthetic_images = 24
+    config.train.synthetic_val_images = 4
     config.eval.max_images = 2
     summary = train.train_and_evaluate(config, tmp_path)
-    result = json.loads((tmp_path / "eval" / "synthetic.json").read_text())
-    assert 0 <= result["mIoU"] <= 100 and result["num_images"] == 2
-    assert summary["eval"]["synthetic"]["mIoU"] == result["mIoU"]
-    assert (tmp_path / "synthetic" / "classes.json").exists()
+    result = json.loads((tmp_path / "eval" / "toy_world.json").read_text())
+    baseline = json.loads((tmp_path / "eval" / "zero_shot" / "toy_world.json").read_text())
+    assert 0 <= result["mIoU"] <= 100 and result["num_images"] == 2 == baseline["num_images"]
+    assert summary["eval"]["toy_world"]["mIoU"] == result["mIoU"]
+    assert result["unseen_classes"] and "hIoU" in result and "hIoU" in baseline
+    assert json.loads((tmp_path / "train_classes.json").read_text()) == [
+        n for n in toy_world_classes() if n not in result["unseen_classes"]]  # trained on the seen classes only
+    out = capsys.readouterr().out
+    assert "| model | toy_world | toy_world seen | toy_world unseen | toy_world hIoU |" in out
+    assert "| DCP-CLIP, step 2 |" in out and "| zero-shot CLIP |" in out
+
+
+@pytest.mark.parametrize("overrides", [{"model.guidance.prompt": "context", "clip.text_finetune": True},
+                                       {"model.guidance.prompt": "none"}], ids=["context_text_finetune", "no_prompt"])
+def test_guidance_variants_train_and_evaluate(data_dir, tmp_path, overrides):
+    """Each textual-guidance variant through the trainer (slots' text re-encoded in the step) and evaluation
+    (the vocabulary's guidance re-encoded once; the cost volume from the frozen text q/v)."""
+    config = tiny_run_config(data_dir, total_steps=2, **{"eval.datasets": f"folder:{data_dir}",
+                                                         "eval.max_images": 1, **overrides})
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert np.isfinite(losses(summary)).all() and 0 <= summary["eval"]["toy_world"]["mIoU"] <= 100
+    if overrides.get("clip.text_finetune"):
+        metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert all(m["guidance_dropped"] == 0 for m in metrics)  # text.finetune_rows held every slot's class
+
+
+def toy_world_classes():
+    from dcp_jax.data import toy_world
+    return list(toy_world.CLASS_NAMES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +295,7 @@ def _evaluate_in_subprocess(workdir, data_dir, devices, *extra):
                           capture_output=True, text=True, timeout=300,
                           env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((workdir / "eval" / "data.json").read_text())
+    return json.loads((workdir / "eval" / "toy_world.json").read_text())
 
 
 def test_a_sharded_checkpoint_evaluates_on_one_device_and_the_reverse(data_dir, fsdp_run, tmp_path):
@@ -337,6 +367,6 @@ def test_periodic_evaluation_compiles_nothing_new_and_metrics_reach_tensorboard(
         jax.config.update("jax_enable_compilation_cache", previous)
     assert len(per_round) == 4 and per_round[0] > 0  # rounds at steps 1, 2, 3, and the (empty) final table
     assert per_round[1:] == [0, 0, 0], per_round
-    assert (tmp_path / "eval" / "during_training" / "data.json").exists()
+    assert (tmp_path / "eval" / "during_training" / "toy_world.json").exists()
     tags = _tensorboard_tags(tmp_path / "tensorboard")
-    assert {"train/loss", "train/lr", "train/grad_norm", "eval/data/mIoU"} <= tags
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/toy_world/mIoU"} <= tags

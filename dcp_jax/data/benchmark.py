@@ -2,8 +2,8 @@
 
     python -m dcp_jax.data.benchmark [--data SPEC] [--crop 384] [--workers 0,1,2] [--batches 20]
 
-Without --data, a synthetic folder dataset (COCO-like 640x480 sized images) is generated into a
-temporary directory. Each row builds a fresh `train_dataset` iterator, discards --warmup batches
+Without --data, a toy-world dataset (dcp_jax.data.toy_world) of 560x560 images, about COCO's
+640x480 in pixels, is generated into a temporary directory. Each row builds a fresh `train_dataset` iterator, discards --warmup batches
 (worker start-up is reported separately), then times --batches batches.
 """
 
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dcp_jax.data.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="", help="dataset spec (e.g. folder:PATH or coco_stuff_171); "
-                                                   "default: generate a synthetic dataset in a temp dir")
+                                                   "default: generate a toy-world dataset in a temp dir")
     parser.add_argument("--split", default="train", help="split of --data (default train)")
     parser.add_argument("--data-root", default="", help="benchmark root (default $DETECTRON2_DATASETS or ./datasets)")
     parser.add_argument("--crop", type=int, default=384, help="training crop size")
@@ -50,18 +50,16 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker-process counts to try")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (include worker start-up)")
-    parser.add_argument("--num-images", type=int, default=64, help="synthetic images to generate")
+    parser.add_argument("--num-images", type=int, default=64, help="toy-world images to generate")
     args = parser.parse_args(argv)
 
     from dcp_jax.data.datasets import open_dataset
-    from dcp_jax.data.synthetic import write_synthetic_dataset
+    from dcp_jax.data.toy_world import write_benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
         spec, split = args.data, args.split
         if not spec:
-            # size 560 varies by +-25% per side: about COCO's 640x480 on average
-            path = write_synthetic_dataset(f"{tmp}/synthetic", args.num_images, seed=0, size=560, val_fraction=0,
-                                           progress=True)
+            path = write_benchmark(f"{tmp}/toy_world", args.num_images, seed=0, size=560, progress=True)
             spec, split = f"folder:{path}", "train"
         source = open_dataset(spec, split, args.data_root or None)
         rows = [measure(source, crop=args.crop, batch_size=args.batch_size, workers=int(w), batches=args.batches,

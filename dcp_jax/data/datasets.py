@@ -104,7 +104,7 @@ folder dataset layout (spec folder:PATH):
                                             their order) and their pixels are ignored; every other
                                             split keeps the full vocabulary and lists them
   Without images/<split>/ and annotations/<split>/ subfolders the flat folders serve every split.
-  `python -m dcp_jax.data.synthetic --out PATH --num-images 64 --seed 0` writes an example."""
+  `python -m dcp_jax.data.toy_world --out PATH --num-images 64 --seed 0` writes an example."""
 
 
 def resolve_root(data_root: str | None) -> Path:
