@@ -21,11 +21,13 @@ dataset's first `--images` images (its vocabulary, the mean per image); each row
 size: Table VII's memory and time columns. A step whose compiled program would need more than 80 % of this
 machine's memory is compiled and reported but not run.
 `--torch` times the same inference forward in the PyTorch reference (dcp_jax.torch_ref) on the
-same inputs and thread count. Writes OUT/bench.json ({"rows": [...]}) and OUT/bench.md.
+same inputs and thread count (not on CPU rows whose XLA plan exceeds 40 % of the machine's memory: the
+eager forward keeps more alive). bench.json and bench.md are rewritten after every row. Writes OUT/bench.json ({"rows": [...]}) and OUT/bench.md.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -115,7 +117,8 @@ class Bench:
         (one, args_one), (two, args_two) = self.stages(text, slots)
         clip_gflops, clip_mem = _compiled_stats(one)
         head_gflops, head_mem = _compiled_stats(two)
-        latency = _median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
+        latency = None if _too_big(max(clip_mem, head_mem)) else \
+            _median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
         return {"slots": slots, "gflops": clip_gflops + head_gflops, "clip_gflops": clip_gflops,
                 "head_gflops": head_gflops, "latency_s": latency, "xla_memory_gib": max(clip_mem, head_mem),
                 "device_peak_gib": _device_peak_gib()}
@@ -147,6 +150,7 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     """One training step at batch 1 with K slots on a C-class vocabulary: time, GFLOPs, memory."""
     from dcp_jax import optim, train
 
+    config = copy.deepcopy(config)  # the caller's config keeps its K
     with config.unlocked():
         config.model.dcs.num_slots = slots
         config.train.batch_size = 1
@@ -164,8 +168,8 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     gflops, memory = _compiled_stats(compiled)
     result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,
               "train_device_peak_gib": None}
-    if jax.devices()[0].platform == "cpu" and memory * GIB > 0.8 * _physical_memory_bytes():
-        return result  # it would swap or be killed: report what XLA planned, do not run it
+    if _too_big(memory):
+        return result
     holder = {"state": jax.device_put(state, shardings)}
 
     def once():
@@ -176,8 +180,15 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     return result
 
 
-def _physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def _too_big(memory_gib: float) -> bool:
+    """Whether a CPU program would need more than 80 % of this machine's memory (it would swap or be killed):
+    such rows report what XLA planned and are not run."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return jax.devices()[0].platform == "cpu" and memory_gib * GIB > 0.8 * physical
+
+
+def _seconds(value: float | None, digits: int) -> str:
+    return "not run (memory)" if value is None else f"{value:.{digits}f}"
 
 
 def format_markdown(rows: list[dict], header: dict) -> str:
@@ -192,13 +203,14 @@ def format_markdown(rows: list[dict], header: dict) -> str:
     lines.append("|" + "---|" * (lines[-1].count("|") - 1))
     for r in rows:
         cells = [str(r["vocab_size"]), f"{r['theta']:g}", f"{r['selected']:.1f}", str(r["slots"]), f"{r['gflops']:.1f}",
-                 f"{r['clip_gflops']:.1f}", f"{r['head_gflops']:.1f}", f"{r['latency_s']:.3f}",
+                 f"{r['clip_gflops']:.1f}", f"{r['head_gflops']:.1f}", _seconds(r["latency_s"], 3),
                  f"{r['xla_memory_gib']:.2f}"]
         if "torch_latency_s" in r:
-            cells += [f"{r['torch_latency_s']:.3f}", f"{r['latency_s'] / r['torch_latency_s']:.2f}"]
+            cells += [_seconds(r["torch_latency_s"], 3), f"{r['latency_s'] / r['torch_latency_s']:.2f}"]
+        elif any("torch_latency_s" in r for r in rows):
+            cells += ["-", "-"]
         if "train_slots" in r:
-            step_s = "not run (memory)" if r["train_step_s"] is None else f"{r['train_step_s']:.2f}"
-            cells += [str(r["train_slots"]), step_s, f"{r['train_gflops']:.1f}",
+            cells += [str(r["train_slots"]), _seconds(r["train_step_s"], 2), f"{r['train_gflops']:.1f}",
                       f"{r['train_xla_memory_gib']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -256,6 +268,14 @@ def run(cmd, args) -> None:
     out = Path(args.out)
     reference = _torch_reference(model, config) if args.torch else None
     rows = []
+    header = {"model": f"{config.clip.variant or 'tiny'} @ {config.clip.image_size}", "mode": args.mode,
+              "device": f"{jax.devices()[0].platform} x1", "params_total": counted[0],
+              "params_learnable": counted[1], "selected_from": selected_from, "runs": args.runs,
+              "views": bench.views_per_image}
+
+    def save():  # after every row: a long run that is stopped keeps what it measured
+        files.write_json(out / "bench.json", {"header": header, "rows": rows})
+        files.write_text(out / "bench.md", format_markdown(rows, header))
     for c in sizes:
         text = jnp.asarray(random_text(c, dcp.num_templates(config), model.clip_dim))
         for theta in tqdm(thetas, desc=f"bench C={c}", unit="row", total=len(thetas), file=sys.stderr):
@@ -264,13 +284,15 @@ def run(cmd, args) -> None:
             slots = forward.slot_bucket(int(np.ceil(selected)), cap)
             row = {"vocab_size": c, "theta": theta, "selected": selected, "selected_from": selected_from,
                    "params_total": counted[0], "params_learnable": counted[1], **bench.row(text, slots, args.runs)}
-            if reference is not None:
+            # PyTorch's eager forward keeps more intermediates alive than XLA's plan, beside the JAX buffers
+            if reference is not None and row["latency_s"] is not None and not _too_big(2 * row["xla_memory_gib"]):
                 from dcp_jax import torch_ref
                 # The same K as the JAX row (bucket=False: K = max_slots), tag validation included.
                 row["torch_latency_s"] = torch_ref.time_forward(
                     reference, np.asarray(bench.views), np.asarray(text), seen=np.ones(c, bool), max_slots=slots,
                     bucket=False, runs=args.runs, threads=args.threads or os.cpu_count())
             rows.append(row)
+            save()
     if args.train:
         c = args["train-classes"].value
         if c not in sizes:
@@ -278,12 +300,8 @@ def run(cmd, args) -> None:
         for row in tqdm([r for r in rows if r["vocab_size"] == c], desc="bench train", unit="row", file=sys.stderr):
             slots = c if row["theta"] <= 0 else int(config.model.dcs.num_slots)
             row.update(train_row(config, build.create_model(config), c, slots, args.runs))
-    header = {"model": f"{config.clip.variant or 'tiny'} @ {config.clip.image_size}", "mode": args.mode,
-              "device": f"{jax.devices()[0].platform} x1", "params_total": counted[0],
-              "params_learnable": counted[1], "selected_from": selected_from, "runs": args.runs,
-              "views": bench.views_per_image}
-    files.write_json(out / "bench.json", {"header": header, "rows": rows})
-    files.write_text(out / "bench.md", format_markdown(rows, header))
+            save()
+    save()
     print(format_markdown(rows, header))
 
 

@@ -87,6 +87,7 @@ def evaluate_dataset(segmenter: Segmenter, spec: str, *, data_root: str | None =
                   seconds_per_image=(time.time() - start) / max(1, len(items)))
     if slots:  # what category selection decided (this host's batches)
         result.update(selected_mean=float(np.mean([s["selected"] for s in slots])),
+                      tv_relabelled=int(sum(s["relabelled"] for s in slots)),
                       buckets={str(k): sum(s["bucket"] == k for s in slots) for k in sorted({s["bucket"] for s in slots})})
     return result
 

@@ -54,7 +54,7 @@ class Segmenter:
         local_model = nnx.merge(self._graphdef, self._params)
         self._text_model = local_model if zero_shot else local_model.frozen_text_clip()
         self.class_names: list[str] | None = None
-        self.last_slots: dict | None = None  # {"selected", "bucket"} of the last batch (not for zero-shot)
+        self.last_slots: dict | None = None  # {"selected", "bucket", "relabelled"} of the last batch (not for zero-shot)
         forward.enable_compilation_cache()
 
     # -- construction ---------------------------------------------------------------------------
@@ -153,12 +153,15 @@ class Segmenter:
         labels = inference.predict_labels(self.forward_views, batch, image_hw=in_hw,
                                           out_hw=np.array(out_sizes, np.int32), out_shape=out_shape,
                                           **self.geometry())
+        if self.last_slots is not None:  # the padding images do not count
+            self.last_slots["relabelled"] = int(self.last_slots["relabelled"][:n].sum())
         return labels[:n]
 
     def forward_views(self, views) -> dict:
         """Views [B*V,S,S,3] (image-major) -> logits [B*V,K,h,w], slot_class, slot_valid [B*V,K].
 
-        Records the bucket used and the largest selected count in `self.last_slots` (for benchmarks)."""
+        Records the bucket used, the largest selected count and the slots tag validation relabelled in
+        `self.last_slots` (for benchmarks and the evaluation JSON)."""
         if views.shape[0] % self.mesh.devices.size == 0:
             views = jax.device_put(views, distributed.batch_sharding(self.mesh))
         if self.zero_shot:
@@ -170,7 +173,10 @@ class Segmenter:
                                                  views_per_image=per_image, max_slots=cap)
         selected = int(np.max(jax.device_get(ranked["dcs_selected"])))
         k = forward.slot_bucket(selected, cap)
-        self.last_slots = {"selected": selected, "bucket": k}
-        return forward.decode(self._graphdef, self._params, features, self._text_embeds, self._guidance_text,
-                              ranked["slot_class"], ranked["slot_valid"], self._seen, views_per_image=per_image,
-                              num_slots=k)
+        out = forward.decode(self._graphdef, self._params, features, self._text_embeds, self._guidance_text,
+                             ranked["slot_class"], ranked["slot_valid"], self._seen, views_per_image=per_image,
+                             num_slots=k)
+        # per image: the slots tag validation relabelled (in any of its views)
+        relabelled = np.asarray(jax.device_get(out["tv_relabelled"])).reshape(-1, per_image, k).any(1).sum(-1)
+        self.last_slots = {"selected": selected, "bucket": k, "relabelled": relabelled}
+        return out

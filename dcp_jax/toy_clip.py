@@ -241,8 +241,11 @@ def ensure_toy_clip(recipe: Recipe | None = None, *, progress: bool = True) -> P
     final = cache_root() / recipe.key()
     if (final / RECIPE_FILE).is_file():  # written last: its presence means a complete checkpoint
         return final
-    with files.atomic_directory(final, overwrite=True) as tmp:  # an incomplete leftover is replaced
-        report = train(recipe, tmp, progress=progress)
+    with files.waiting_lock(final.with_name(final.name + ".lock")):  # another process may be training it
+        if (final / RECIPE_FILE).is_file():
+            return final
+        with files.atomic_directory(final, overwrite=True) as tmp:  # an incomplete leftover is replaced
+            report = train(recipe, tmp, progress=progress)
     print(f"toy CLIP trained in {report['train_seconds']:.0f} s; {format_zero_shot(report['zero_shot'])}",
           file=sys.stderr)
     return final

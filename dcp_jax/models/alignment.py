@@ -14,13 +14,13 @@ cannot leak through 0 * NaN); everything else is computed per slot.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dcp_jax.models.selection import l2_normalize
+from dcp_jax.models.clip import multi_head_attention
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default, so exported weights behave the same
 PROMPTS = ("tokens", "context", "none")  # config.model.guidance.prompt (Table V)
@@ -36,13 +36,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, bias: ja
     if d % num_heads or dv % num_heads:
         raise ValueError(f"attention width {d}/{dv} is not divisible by num_heads={num_heads}")
     split = lambda x: x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)  # noqa: E731
-    qh, kh, vh = split(q), split(k), split(v)
-    scores = jnp.einsum("...qhd,...khd->...hqk", qh, kh, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(d // num_heads)
-    if bias is not None:
-        scores = scores + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...hqk,...khd->...qhd", probs, vh)
+    out, _ = multi_head_attention(split(q), split(k), split(v), bias=bias)
     return out.reshape(*out.shape[:-2], dv)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from dcp_jax.torch_ref.model import TorchDCP
@@ -30,7 +31,8 @@ def time_forward(reference: TorchDCP, images, text_embeds, guidance_text=None, s
     if runs < 1:
         raise ValueError(f"runs={runs}: must be >= 1")
     device = next(reference.parameters()).device
-    as_tensor = lambda x, dtype: None if x is None else torch.as_tensor(x, dtype=dtype, device=device)  # noqa: E731
+    # np.array copies: arrays from JAX are read-only, which torch warns about
+    as_tensor = lambda x, dtype: None if x is None else torch.as_tensor(np.array(x), dtype=dtype, device=device)  # noqa: E731
     images, text_embeds = as_tensor(images, torch.float32), as_tensor(text_embeds, torch.float32)
     guidance_text, seen = as_tensor(guidance_text, torch.float32), as_tensor(seen, torch.bool)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
