@@ -21,12 +21,13 @@ dataset's first `--images` images (its vocabulary, the mean per image); each row
 size: Table VII's memory and time columns. A step whose compiled program would need more than 80 % of this
 machine's memory is compiled and reported but not run.
 `--torch` times the same inference forward in the PyTorch reference (dcp_jax.torch_ref) on the
-same inputs and thread count (not on CPU rows whose XLA plan exceeds 40 % of the machine's memory: the
-eager forward keeps more alive). bench.json and bench.md are rewritten after every row. Writes OUT/bench.json ({"rows": [...]}) and OUT/bench.md.
+same inputs and thread count, one torch run after each JAX run so that both see the same machine load
+(not on CPU rows whose XLA plan exceeds 40 % of the machine's memory: the eager forward keeps more alive). bench.json and bench.md are rewritten after every row. Writes OUT/bench.json ({"rows": [...]}) and OUT/bench.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -48,14 +49,21 @@ from dcp_jax.models.summary import count_params
 GIB = 2**30
 
 
-def _median_seconds(fn, runs: int) -> float:
-    jax.block_until_ready(fn())  # warm-up (and compile)
-    times = []
+def _median_seconds(fn, runs: int, other=None) -> float | tuple[float, float]:
+    """Median seconds of `fn()` over `runs` runs after a warm-up. With `other` (a second function),
+    the two run alternately, one of each per round, and both medians come back: on a shared machine
+    whose speed drifts by tens of percent over minutes, both see the same load."""
+    fns = [fn] if other is None else [fn, other]
+    for f in fns:
+        jax.block_until_ready(f())  # warm-up (and compile)
+    times = [[] for _ in fns]
     for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for f, spent in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(f())
+            spent.append(time.perf_counter() - start)
+    medians = [statistics.median(t) for t in times]
+    return medians[0] if other is None else tuple(medians)
 
 
 def _compiled_stats(compiled) -> tuple[float, float]:
@@ -113,15 +121,23 @@ class Bench:
         """GFLOPs of the compiled head (stage 2) at K = slots."""
         return _compiled_stats(self.stages(text, slots)[1][0])[0]
 
-    def row(self, text: jax.Array, slots: int, runs: int) -> dict:
+    def row(self, text: jax.Array, slots: int, runs: int, other=None) -> dict:
+        """One bench row at K = slots. `other(xla_memory_gib)`: None, or a function to time alternately
+        with the JAX forward (the PyTorch reference), whose median becomes `torch_latency_s`."""
         (one, args_one), (two, args_two) = self.stages(text, slots)
         clip_gflops, clip_mem = _compiled_stats(one)
         head_gflops, head_mem = _compiled_stats(two)
-        latency = None if _too_big(max(clip_mem, head_mem)) else \
-            _median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
-        return {"slots": slots, "gflops": clip_gflops + head_gflops, "clip_gflops": clip_gflops,
-                "head_gflops": head_gflops, "latency_s": latency, "xla_memory_gib": max(clip_mem, head_mem),
-                "device_peak_gib": _device_peak_gib()}
+        memory = max(clip_mem, head_mem)
+        row = {"slots": slots, "gflops": clip_gflops + head_gflops, "clip_gflops": clip_gflops,
+               "head_gflops": head_gflops, "latency_s": None, "xla_memory_gib": memory}
+        if not _too_big(memory):
+            forward = lambda: (one(*args_one), two(*args_two))  # noqa: E731
+            with (other(memory) if other else contextlib.nullcontext()) as call:
+                if call is None:
+                    row["latency_s"] = _median_seconds(forward, runs)
+                else:
+                    row["latency_s"], row["torch_latency_s"] = _median_seconds(forward, runs, call)
+        return {**row, "device_peak_gib": _device_peak_gib()}
 
 
 def measured_selection(workdir, config, spec: str, thetas, images: int) -> tuple[list[str], dict[float, float]]:
@@ -282,15 +298,20 @@ def run(cmd, args) -> None:
             selected = float(c) if theta <= 0 else (counts[theta] if counts else float(min(args.selected, c)))
             cap = c if theta <= 0 else forward.bucket_cap(config.eval.num_slots, c)
             slots = forward.slot_bucket(int(np.ceil(selected)), cap)
-            row = {"vocab_size": c, "theta": theta, "selected": selected, "selected_from": selected_from,
-                   "params_total": counted[0], "params_learnable": counted[1], **bench.row(text, slots, args.runs)}
-            # PyTorch's eager forward keeps more intermediates alive than XLA's plan, beside the JAX buffers
-            if reference is not None and row["latency_s"] is not None and not _too_big(2 * row["xla_memory_gib"]):
+
+            def torch_forward(memory_gib, c=c, text=text, slots=slots):
+                # PyTorch's eager forward keeps more intermediates alive than XLA's plan, beside the JAX buffers
+                if reference is None or _too_big(2 * memory_gib):
+                    return contextlib.nullcontext()
                 from dcp_jax import torch_ref
                 # The same K as the JAX row (bucket=False: K = max_slots), tag validation included.
-                row["torch_latency_s"] = torch_ref.time_forward(
-                    reference, np.asarray(bench.views), np.asarray(text), seen=np.ones(c, bool), max_slots=slots,
-                    bucket=False, runs=args.runs, threads=args.threads or os.cpu_count())
+                return torch_ref.forward_call(reference, np.asarray(bench.views), np.asarray(text),
+                                              seen=np.ones(c, bool), max_slots=slots, bucket=False,
+                                              threads=args.threads or os.cpu_count())
+
+            row = {"vocab_size": c, "theta": theta, "selected": selected, "selected_from": selected_from,
+                   "params_total": counted[0], "params_learnable": counted[1],
+                   **bench.row(text, slots, args.runs, torch_forward)}
             rows.append(row)
             save()
     if args.train:

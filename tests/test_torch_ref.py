@@ -10,6 +10,7 @@ transformers CLIPModel + torch_ref -> the same numbers. Tolerances (float32 on C
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 import jax
@@ -309,3 +310,19 @@ def test_export_verify_end_to_end(case, tokenizer_dir, tmp_path, capsys, monkeyp
     monkeypatch.setattr(verify, "verify_export", lambda directory, **kw: 1.0)
     assert export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite", "--verify"]) == 1
     assert (out / "dcp_head.safetensors").exists()
+
+
+def test_bench_times_torch_alternately_with_jax(tmp_path, capsys):
+    """`python -m dcp_jax.bench --torch`: every row gets the reference's median, timed in the same rounds."""
+    from dcp_jax import bench
+
+    code = bench.main(["--config", "configs/tiny.py", "--vocab-sizes", "12", "--thetas", "0,0.5", "--runs", "2",
+                       "--selected", "3", "--torch", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["slots"] for r in rows] == [12, 4]
+    assert all(0 < r["torch_latency_s"] < 60 and 0 < r["latency_s"] < 60 for r in rows)
+    table = (tmp_path / "bench.md").read_text()
+    assert "JAX/torch" in table
+    ratio = rows[1]["latency_s"] / rows[1]["torch_latency_s"]
+    assert f"| {ratio:.2f} |" in table

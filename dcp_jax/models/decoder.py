@@ -122,6 +122,23 @@ class SpatialEnhance(nnx.Module):
         return self.blocks[1](x, guidance, window, shift)
 
 
+def conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """`conv(x)` for a bias-free 3x3 nnx.Conv with padding 1, NHWC.
+
+    XLA:CPU hands 2-D convolutions to YNNPACK, whose 3x3 convolutions over the decoder's 16 slot maps
+    ran 1.5-2x slower here than XLA's Eigen kernels (B/16 @384: 58 -> 28 ms at 96x96, 64 -> 32
+    channels). YNNPACK leaves alone a convolution whose output is larger than its input
+    (xla/backends/cpu/ynn_support.cc), so on CPU we pad one pixel more per side and crop the border
+    back off: the same numbers up to float32 summation order. Other backends run the plain conv.
+    """
+    if jax.default_backend() != "cpu":
+        return conv(x)
+    kernel = conv.kernel[...].astype(conv.dtype or x.dtype)
+    y = jax.lax.conv_general_dilated(x.astype(kernel.dtype), kernel, (1, 1), ((2, 2), (2, 2)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv.precision)
+    return y[:, 1:-1, 1:-1]
+
+
 class DoubleConv(nnx.Module):
     """(Conv3x3 without bias - GroupNorm - ReLU) x 2."""
 
@@ -132,8 +149,8 @@ class DoubleConv(nnx.Module):
         self.norm2 = nnx.GroupNorm(out_dim, num_groups=group_count(out_dim), epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        x = jax.nn.relu(self.norm1(self.conv1(x)))
-        return jax.nn.relu(self.norm2(self.conv2(x)))
+        x = jax.nn.relu(self.norm1(conv3x3(self.conv1, x)))
+        return jax.nn.relu(self.norm2(conv3x3(self.conv2, x)))
 
 
 class DecoderLayer(nnx.Module):

@@ -7,13 +7,13 @@
     out = ref(images, T, seen=seen)                # encode + DCS + head + tag validation
 
 head.py holds the head (one torch module per flax module, same parameter names), model.py the CLIP
-features, DCS, tag validation and loading, timing.py `time_forward`, verify.py `verify_export`
+features, DCS, tag validation and loading, timing.py `forward_call` / `time_forward`, verify.py `verify_export`
 (the JAX-vs-torch check behind `--verify`; the only part that imports JAX). torch is imported
 nowhere else in dcp_jax. Needs the `torch` extra: pip install 'dcp_jax[torch]'.
 """
 
 from dcp_jax.torch_ref.model import ExportMismatchError, TorchDCP, load_config, load_reference
-from dcp_jax.torch_ref.timing import time_forward
+from dcp_jax.torch_ref.timing import forward_call, time_forward
 
 TOLERANCE = 1e-4  # max |jax - torch| of the head's float32 logits that --verify accepts
 
@@ -25,5 +25,5 @@ def __getattr__(name):  # verify.py imports JAX: only on use
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ExportMismatchError", "TOLERANCE", "TorchDCP", "compare_export", "load_config", "load_reference",
-           "time_forward", "verify_export"]
+__all__ = ["ExportMismatchError", "TOLERANCE", "TorchDCP", "compare_export", "forward_call", "load_config",
+           "load_reference", "time_forward", "verify_export"]
