@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax import cli, distributed, files, forward, inference
-from dcp_jax.models import build, dcp, selection
+from dcp_jax.models import build, clip, dcp, selection
 from dcp_jax.models.summary import count_params
 
 GIB = 2**30
@@ -117,17 +117,28 @@ class Bench:
                                    num_slots=slots).compile()
         return (one, (self.params, self.views, text)), (two, (self.params, *args))
 
+    def gflops(self, text: jax.Array, slots: int, stages=None) -> tuple[float, float]:
+        """(CLIP, head) GFLOPs of the two compiled stages at K = slots, counted on the programs with
+        attention in one op (clip.attention_in_one_op: the cost analysis counts a loop once); `stages`:
+        the arguments from `stages(text, slots)`, if at hand."""
+        (_, args_one), (_, args_two) = stages or self.stages(text, slots)
+        with clip.attention_in_one_op():
+            one = forward.encode_select.lower(self.graphdef, *args_one, views_per_image=self.views_per_image,
+                                              max_slots=text.shape[0]).compile()
+            two = forward.decode.lower(self.graphdef, *args_two, views_per_image=self.views_per_image,
+                                       num_slots=slots).compile()
+        return _compiled_stats(one)[0], _compiled_stats(two)[0]
+
     def head_gflops(self, text: jax.Array, slots: int) -> float:
         """GFLOPs of the compiled head (stage 2) at K = slots."""
-        return _compiled_stats(self.stages(text, slots)[1][0])[0]
+        return self.gflops(text, slots)[1]
 
     def row(self, text: jax.Array, slots: int, runs: int, other=None) -> dict:
         """One bench row at K = slots. `other(xla_memory_gib)`: None, or a function to time alternately
         with the JAX forward (the PyTorch reference), whose median becomes `torch_latency_s`."""
-        (one, args_one), (two, args_two) = self.stages(text, slots)
-        clip_gflops, clip_mem = _compiled_stats(one)
-        head_gflops, head_mem = _compiled_stats(two)
-        memory = max(clip_mem, head_mem)
+        stages = (one, args_one), (two, args_two) = self.stages(text, slots)
+        clip_gflops, head_gflops = self.gflops(text, slots, stages)
+        memory = max(_compiled_stats(one)[1], _compiled_stats(two)[1])  # of the programs that run
         row = {"slots": slots, "gflops": clip_gflops + head_gflops, "clip_gflops": clip_gflops,
                "head_gflops": head_gflops, "latency_s": None, "xla_memory_gib": memory}
         if not _too_big(memory):
@@ -181,7 +192,10 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
              "label": jnp.asarray(rng.integers(0, num_classes, (1, crop, crop)), jnp.int32)}
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     compiled = step.lower(state, batch, text, None).compile()
-    gflops, memory = _compiled_stats(compiled)
+    memory = _compiled_stats(compiled)[1]
+    with clip.attention_in_one_op():  # the FLOPs of the same step with attention as one op (Bench.gflops)
+        gflops = _compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
+                                 .lower(state, batch, text, None).compile())[0]
     result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,
               "train_device_peak_gib": None}
     if _too_big(memory):

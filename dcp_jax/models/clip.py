@@ -11,6 +11,7 @@ Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -166,6 +167,21 @@ def _layer_norm(width, eps, dtype, rngs):
 # attention (B/16 @384, 16 slots: 340 MB of scores) and TGA's spatial attention (85 MB) ran about 2x faster
 # here in chunks whose scores stay in cache; GPUs and TPUs keep one batched op.
 CPU_SCORE_CHUNK_BYTES = 8 << 20
+
+
+@contextlib.contextmanager
+def attention_in_one_op():
+    """Inside, attention is traced as one batched op on every backend. For FLOP counts: XLA's cost
+    analysis counts a loop body once, so it would miss most of the chunked attention's FLOPs.
+    JAX's caches are cleared on entry and exit, so jitted functions trace again under the setting."""
+    global CPU_SCORE_CHUNK_BYTES
+    saved, CPU_SCORE_CHUNK_BYTES = CPU_SCORE_CHUNK_BYTES, 1 << 62
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        CPU_SCORE_CHUNK_BYTES = saved
+        jax.clear_caches()
 
 
 def multi_head_attention(q, k, v, *, bias=None, mask=None):
