@@ -114,3 +114,17 @@ def test_overpadded_conv3x3_is_the_padding_1_conv(channels):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # the border pixels see zero padding exactly like the plain conv
     np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want[:, 0]), rtol=1e-5, atol=1e-5)
+
+
+def test_overpadded_conv3x3_gradients_are_the_plain_convs():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 10, 10, 20)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 20, 24)) * 0.1, jnp.float32)
+    plain = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    loss = lambda fn: lambda x, k: jnp.sum(jnp.sin(fn(x, k)))  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(plain), argnums=(0, 1))(x, kernel)
+        got = jax.grad(loss(lambda x, k: decoder._conv3x3_eigen(x, k, None)), argnums=(0, 1))(x, kernel)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
