@@ -192,8 +192,8 @@ def multi_head_attention(q, k, v, *, bias=None, mask=None):
     The heads move in front of the token axes before the two matmuls: on XLA's CPU backend the batched
     matmuls with the heads between the token and feature axes ran 2-3x slower (B/16 @384: 32 -> 11 ms per
     layer; the decoder's window attention 0.23 -> 0.10 s), and GPUs and TPUs take either layout.
-    On CPU, a large batch is computed in chunks of the leading axes (CPU_SCORE_CHUNK_BYTES); the result
-    is the same.
+    On CPU, a large batch is computed in chunks of the leading axes (CPU_SCORE_CHUNK_BYTES), with the
+    same result up to float32 rounding.
     """
     lead, (lq, h, _), lk = q.shape[:-3], q.shape[-3:], k.shape[-3]
     extra = [a for a in (bias, mask) if a is not None]
