@@ -121,7 +121,9 @@ class Bench:
         """(CLIP, head) GFLOPs of the two compiled stages at K = slots, counted on the programs with
         attention in one op (clip.attention_in_one_op: the cost analysis counts a loop once); `stages`:
         the arguments from `stages(text, slots)`, if at hand."""
-        (_, args_one), (_, args_two) = stages or self.stages(text, slots)
+        (one, args_one), (two, args_two) = stages or self.stages(text, slots)
+        if not clip.chunks_attention():  # the programs at hand already hold attention as one op
+            return _compiled_stats(one)[0], _compiled_stats(two)[0]
         with clip.attention_in_one_op():
             one = forward.encode_select.lower(self.graphdef, *args_one, views_per_image=self.views_per_image,
                                               max_slots=text.shape[0]).compile()
@@ -192,10 +194,11 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
              "label": jnp.asarray(rng.integers(0, num_classes, (1, crop, crop)), jnp.int32)}
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     compiled = step.lower(state, batch, text, None).compile()
-    memory = _compiled_stats(compiled)[1]
-    with clip.attention_in_one_op():  # the FLOPs of the same step with attention as one op (Bench.gflops)
-        gflops = _compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
-                                 .lower(state, batch, text, None).compile())[0]
+    gflops, memory = _compiled_stats(compiled)
+    if clip.chunks_attention():
+        with clip.attention_in_one_op():  # the FLOPs of the same step with attention as one op (Bench.gflops)
+            gflops = _compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
+                                     .lower(state, batch, text, None).compile())[0]
     result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,
               "train_device_peak_gib": None}
     if _too_big(memory):

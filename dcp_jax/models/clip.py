@@ -169,6 +169,11 @@ def _layer_norm(width, eps, dtype, rngs):
 CPU_SCORE_CHUNK_BYTES = 8 << 20
 
 
+def chunks_attention() -> bool:
+    """Whether attention traced now may run in chunks (the CPU backend)."""
+    return jax.default_backend() == "cpu"
+
+
 @contextlib.contextmanager
 def attention_in_one_op():
     """Inside, attention is traced as one batched op on every backend. For FLOP counts: XLA's cost
@@ -198,7 +203,7 @@ def multi_head_attention(q, k, v, *, bias=None, mask=None):
     lead, (lq, h, _), lk = q.shape[:-3], q.shape[-3:], k.shape[-3]
     extra = [a for a in (bias, mask) if a is not None]
     per_item = h * lq * lk * 4  # float32 score bytes of one index of the leading axes
-    if jax.default_backend() == "cpu" and lead and math.prod(lead) * per_item > CPU_SCORE_CHUNK_BYTES:
+    if chunks_attention() and lead and math.prod(lead) * per_item > CPU_SCORE_CHUNK_BYTES:
         if all(jnp.ndim(a) <= 3 for a in extra):
             # bias / mask do not vary over the leading axes: chunk them all, flattened
             flat = lambda t: t.reshape(-1, *t.shape[len(lead):])  # noqa: E731
