@@ -31,6 +31,9 @@ def get_config(arg=None):
     c.checkpoint_every_steps = 5_000
     c.eval_every_steps = 5_000  # evaluates eval.during_training; 0 = only the final table
     c.keep_checkpoints = 3
+    # "gpu" | "tpu" | "cpu": stop at start-up when jax finds another backend (the launch scripts set it);
+    # "" runs on whatever jax found (dcp_jax/runtime.py).
+    c.require_backend = ""
 
     # --- CLIP backbone (MODEL.md section 0) ---
     c.clip = ml_collections.ConfigDict()

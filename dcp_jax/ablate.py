@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ml_collections
 
-from dcp_jax import cli, files
+from dcp_jax import cli, files, runtime
 from dcp_jax import config as config_lib
 from dcp_jax import evaluate, train
 from dcp_jax.segmenter import Segmenter
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
 
     def body():
         start = time.time()
+        runtime.start(cmd.config())
         report = run(cmd.config(), Path(args.out), [float(t) for t in args.thetas.split(",") if t.strip()])
         print(format_markdown(report))
         print(f"ablation: {time.time() - start:.0f} s; {args.out}/ablation.md", file=sys.stderr)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcp_jax import cli, distributed, files, forward, inference
+from dcp_jax import cli, distributed, files, forward, inference, runtime
 from dcp_jax.models import build, clip, dcp, selection
 from dcp_jax.models.summary import count_params
 
@@ -281,6 +281,7 @@ def run(cmd, args) -> None:
     from tqdm import tqdm
 
     thetas = [float(t) for t in args.thetas.split(",") if t.strip()]
+    runtime.start(cmd.config(args.workdir) if args.workdir else cmd.config())
     if args.workdir:
         if not args.dataset:
             raise ValueError("--workdir needs --dataset SPEC: the selected classes are counted on its images")

@@ -27,9 +27,9 @@ EXIT_USAGE = 2
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: shown as one line."""
-    from dcp_jax import checkpoint
+    from dcp_jax import checkpoint, runtime
     return (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, checkpoint.CheckpointError,
-            checkpoint.WorkdirLockedError, flags.Error)
+            checkpoint.WorkdirLockedError, runtime.BackendError, flags.Error)
 
 
 class Command:

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import cli, distributed, files
+from dcp_jax import cli, distributed, files, runtime
 from dcp_jax import metrics as metrics_lib
 from dcp_jax.data import datasets as datasets_lib
 from dcp_jax.data import pipeline
@@ -164,10 +164,10 @@ def main(argv=None) -> int:
     args = cmd.parse()
 
     def body():
-        distributed.initialize()
         workdir = Path(args.workdir)
         zero_shot = args["zero-shot"].value
         config = cmd.config(workdir, required=not zero_shot)  # the baseline uses W's config if it has one
+        runtime.start(config)
         if zero_shot:
             segmenter = Segmenter.from_clip(zero_shot, config)
             workdir.mkdir(parents=True, exist_ok=True)

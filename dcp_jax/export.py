@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import cli, files
+from dcp_jax import cli, files, runtime
 from dcp_jax.models import build, clip_convert, dcp
 from dcp_jax.models import clip as clip_lib
 from dcp_jax.rules import flat_params, path_str
@@ -360,8 +360,10 @@ def main(argv=None) -> int:
     args = cmd.parse()
 
     def body():
+        config = cmd.config(args.workdir)
+        runtime.start(config)
         out = export_workdir(args.workdir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
-                             show_progress=True, config=cmd.config(args.workdir))
+                             show_progress=True, config=config)
         print(f"exported to {out}", file=sys.stderr)
         if args.verify:
             try:

@@ -10,7 +10,7 @@ Inference runs in two stages so that the head's cost follows the selection (MODE
   decode         the head (TGA, SED) and tag validation on K slots for every view, K = the smallest
                  bucket (`slot_bucket`) that holds the largest union of the batch.
 At most one program per bucket is compiled and kept for the process (and in the persistent
-compilation cache, see `enable_compilation_cache`).
+compilation cache, see `runtime.enable_compilation_cache`).
 """
 
 from __future__ import annotations
@@ -21,20 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dcp_jax import files
 from dcp_jax.models import selection
 
 MIN_BUCKET = 4
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled programs on disk under $DCP_JAX_CACHE/xla (default ~/.cache/dcp_jax/xla), so a
-    second command on the same model and shapes does not compile again. Respects a cache directory
-    that JAX was already given (JAX_COMPILATION_CACHE_DIR)."""
-    if jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(files.cache_dir("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def slot_bucket(count: int, cap: int) -> int:

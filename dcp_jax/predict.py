@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dcp_jax import cli, files, visualize
+from dcp_jax import cli, files, runtime, visualize
 from dcp_jax.data import datasets as datasets_lib
 from dcp_jax.segmenter import Segmenter
 
@@ -110,12 +110,14 @@ def main(argv=None) -> int:
     def body():
         class_names = read_classes(args.classes, args["classes-file"].value)
         paths = list_images(args.image)
-        if args["zero-shot"].value:
-            segmenter = Segmenter.from_clip(args["zero-shot"].value, cmd.config())
-        elif args.workdir:
-            segmenter = Segmenter.from_workdir(args.workdir, cmd.config(args.workdir), checkpoint=args.checkpoint)
-        else:
+        if not (args["zero-shot"].value or args.workdir):
             raise ValueError("give --workdir (a trained run) or --zero-shot CLIP_DIR")
+        config = cmd.config() if args["zero-shot"].value else cmd.config(args.workdir)
+        runtime.start(config)
+        if args["zero-shot"].value:
+            segmenter = Segmenter.from_clip(args["zero-shot"].value, config)
+        else:
+            segmenter = Segmenter.from_workdir(args.workdir, config, checkpoint=args.checkpoint)
         summaries, errors = predict_files(segmenter, paths, class_names, Path(args["out-dir"].value))
         for s in summaries:
             present = ", ".join(f"{c['name']} {100 * c['fraction']:.1f}%" for c in s["classes"][:8])

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import distributed, forward, inference
+from dcp_jax import distributed, forward, inference, runtime
 from dcp_jax import text as text_lib
 from dcp_jax.data import transforms
 from dcp_jax.models import clip as clip_lib
@@ -55,7 +55,7 @@ class Segmenter:
         self._text_model = local_model if zero_shot else local_model.frozen_text_clip()
         self.class_names: list[str] | None = None
         self.last_slots: dict | None = None  # {"selected", "bucket", "relabelled"} of the last batch (not for zero-shot)
-        forward.enable_compilation_cache()
+        runtime.enable_compilation_cache()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import cli, distributed, files
+from dcp_jax import cli, distributed, files, runtime
 from dcp_jax import config as config_lib
 from dcp_jax import loss as loss_lib
 from dcp_jax import optim
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     args = cmd.parse()
 
     def body():
-        distributed.initialize()
+        runtime.start(args.config)
         summary = train_and_evaluate(args.config, args.workdir)
         if distributed.is_primary() and summary.get("eval"):
             print(json.dumps({name: round(r["mIoU"], 2) for name, r in summary["eval"].items()}))

@@ -8,4 +8,4 @@ shift 2
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 exec python -m dcp_jax.train --config "${CONFIG:-configs/dcp_vitb16_coco_stuff.py}" \
-  --workdir "$workdir" --config.clip.checkpoint="$clip" "$@"
+  --workdir "$workdir" --config.clip.checkpoint="$clip" --config.require_backend=gpu "$@"

@@ -7,4 +7,4 @@ tpu=${1:?usage: $0 TPU_NAME ZONE WORKDIR CLIP_DIR [overrides...]}; zone=${2:?}; 
 shift 4
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "
   cd ~/dcp_jax && .venv/bin/python -m dcp_jax.train --config ${CONFIG:-configs/dcp_vitb16_coco_stuff.py} \
-    --workdir $workdir --config.clip.checkpoint=$clip --config.clip.dtype=bfloat16 $*"
+    --workdir $workdir --config.clip.checkpoint=$clip --config.require_backend=tpu $*"

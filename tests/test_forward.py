@@ -133,14 +133,3 @@ def test_zero_shot_matches_dense_clip_similarity(tmp_path):
     labels = inference.predict_labels(lambda v: forward.zero_shot(graphdef, params, v, text, num_slots=3),
                                       rng.integers(0, 256, (30, 45, 3), dtype=np.uint8), mode="slide", **GEOM)
     assert labels.shape == (30, 45) and labels.min() >= 0 and labels.max() < num_classes
-
-
-def test_compilation_cache_goes_under_dcp_jax_cache(monkeypatch, tmp_path):
-    previous = jax.config.jax_compilation_cache_dir
-    try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        monkeypatch.setenv("DCP_JAX_CACHE", str(tmp_path))
-        forward.enable_compilation_cache()
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
-    finally:
-        jax.config.update("jax_compilation_cache_dir", previous)

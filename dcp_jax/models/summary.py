@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dcp_jax import cli, optim
+from dcp_jax import cli, optim, runtime
 from dcp_jax.models import build, dcp
 from dcp_jax.rules import flat_params
 
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
 
     def body():
         config = cmd.config()
+        if args.forward:  # only the forward touches a device
+            runtime.start(config)
         clip_config = build.clip_config_for(config)
         v = clip_config.vision
         print(f"CLIP: width {v.hidden_size}, {v.num_hidden_layers} blocks, patch {v.patch_size}, input {v.image_size} "
