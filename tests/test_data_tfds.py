@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,61 @@ def test_train_and_eval_through_a_tfds_spec(folder, tmp_path):
     items = list(eval_dataset(val, short_side=40))
     assert [x["index"] for x in items] == [0, 1] and items[0]["image"].shape[0] == 40
     np.testing.assert_array_equal(items[1]["label"], open_dataset(f"folder:{folder}", "val")[1]["label"])
+
+
+# One fresh interpreter = one grain worker's first use of tensorflow_datasets (issue 22: a worker hung for an hour
+# in `import tensorflow_datasets` on a read thread; tfds_data._OPEN_LOCK says why). THREADS threads read every item
+# of the train split at once, from a source that is: "worker": unpickled on the main thread, as grain's worker does
+# (so already open); "cold": unpickled by each thread itself (tfds imported and opened on several threads at
+# once); "shared": opened by open_dataset on the main thread and read first on the threads, as with num_workers=0
+# (opened once, under the lock). A hang dumps every thread's stack and exits 1.
+_THREADS_READ = """
+import faulthandler, json, pickle, sys, threading
+faulthandler.dump_traceback_later(60, exit=True)
+mode, blob, data_dir, threads = sys.argv[1], open(sys.argv[2], "rb").read(), sys.argv[3], int(sys.argv[4])
+opens = []
+if mode == "worker":
+    shared = pickle.loads(blob)
+    assert shared._source is not None, "not opened on unpickling"
+elif mode == "shared":
+    import tensorflow_datasets as tfds
+    from dcp_jax.data.datasets import open_dataset
+    shared = open_dataset("tfds:syn", "train", data_dir)
+    real = tfds.builder_from_directory
+    tfds.builder_from_directory = lambda *a, **k: opens.append(1) or real(*a, **k)
+else:
+    shared = None
+barrier, out = threading.Barrier(threads), [None] * threads
+def read(t):
+    barrier.wait()
+    ds = shared if shared is not None else pickle.loads(blob)
+    items = {k: ds[k] for k in [(t + i) % len(ds) for i in range(len(ds))]}
+    out[t] = [[items[k]["name"], int(items[k]["image"].sum()), int(items[k]["label"].sum())] for k in sorted(items)]
+workers = [threading.Thread(target=read, args=(t,), name=f"read-{t}") for t in range(threads)]
+[w.start() for w in workers]
+[w.join() for w in workers]
+print(json.dumps({"opens": len(opens), "items": out}))
+"""
+
+
+def test_worker_first_read_from_several_threads_never_hangs(folder, tmp_path):
+    pack(f"folder:{folder}", ["train"], tmp_path / "tfds", progress=False)
+    (tmp_path / "ds.pkl").write_bytes(pickle.dumps(open_dataset("tfds:syn", "train", str(tmp_path / "tfds"))))
+    source = open_dataset(f"folder:{folder}", "train")
+    expected = [[x["name"], int(x["image"].sum()), int(x["label"].sum())] for x in (source[i] for i in range(6))]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def run(mode):
+        args = [mode, tmp_path / "ds.pkl", tmp_path / "tfds", 4]
+        return mode, subprocess.run([sys.executable, "-c", _THREADS_READ, *map(str, args)], capture_output=True,
+                                    text=True, timeout=120, env=env)
+
+    with ThreadPoolExecutor(2) as pool:  # 20 fresh interpreters, two at a time
+        for mode, result in pool.map(run, ["worker", "cold", "shared", "worker", "cold"] * 4):
+            assert result.returncode == 0, f"{mode}: {result.stderr[-6000:]}"
+            out = json.loads(result.stdout)
+            assert out["items"] == [expected] * 4, mode
+            assert out["opens"] == (1 if mode == "shared" else 0), mode  # the shared source opened once
 
 
 def test_many_classes_pack_as_16_bit_masks(tmp_path):

@@ -105,11 +105,17 @@ def reference_metrics(pairs, num_classes):
                 pixel_acc=100.0 * tp.sum() / gt_pixels.sum(), per_class_iou=iou)
 
 
+def without_backend_line(err: str) -> str:
+    """stderr less the one line runtime.start prints first (jax version and devices)."""
+    lines = err.splitlines(keepends=True)
+    return "".join(lines[1:]) if lines and lines[0].startswith("[dcp_jax] jax ") else err
+
+
 def run_evaluate(capsys, *args):
-    """evaluate.main(args) -> (exit code, stdout, stderr)."""
+    """evaluate.main(args) -> (exit code, stdout, stderr less the backend line)."""
     code = evaluate.main([str(a) for a in args])
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, without_backend_line(err)
 
 
 # --------------------------------------------------------------------------------------------------

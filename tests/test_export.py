@@ -407,6 +407,8 @@ def test_command_line_errors(workdir, tmp_path, capsys):
             code = e.code
         assert code == 2
         err = capsys.readouterr().err
+        if err.startswith("[dcp_jax] jax "):  # the backend line runtime.start prints first
+            err = err.split("\n", 1)[1]
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         return err
 

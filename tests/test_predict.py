@@ -26,11 +26,17 @@ def val_image(data_dir, stem) -> np.ndarray:
     return np.asarray(Image.open(data_dir / "images" / "val" / f"{stem}.png").convert("RGB"))
 
 
+def without_backend_line(err: str) -> str:
+    """stderr less the one line runtime.start prints first (jax version and devices)."""
+    lines = err.splitlines(keepends=True)
+    return "".join(lines[1:]) if lines and lines[0].startswith("[dcp_jax] jax ") else err
+
+
 def run_predict(capsys, *args):
-    """predict.main(args) -> (exit code, stdout, stderr)."""
+    """predict.main(args) -> (exit code, stdout, stderr less the backend line)."""
     code = predict.main([str(a) for a in args])
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, without_backend_line(err)
 
 
 def check_outputs(out_dir, stem, image, class_names) -> np.ndarray:

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,25 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
+# Why sources open under a lock, and in __setstate__ (issue 22: a grain worker hung in `import tensorflow_datasets`,
+# at LazyModule.__getattr__ under a functools.cached_property, its main thread waiting on the read). Opening a
+# source is a grain worker's first use of tensorflow_datasets, and grain calls `__getitem__` from its read threads
+# (ReadOptions.num_threads) at once; opened lazily there, `import tensorflow_datasets` and the lazy imports tfds
+# resolves while it builds the data source (etils `epy.lazy_imports`: dataset_info, json_format, tree, array_record)
+# ran on several threads together. etils resolves a lazy module by importing it while holding its own locks (a
+# per-module threading.Lock, inside functools.cached_property, whose RLock on Python 3.11 is one lock shared by
+# every LazyModule), and tfds' module bodies touch lazy modules while Python holds their import lock: threads that
+# take those locks in opposite orders wait for each other for ever, unseen by importlib's deadlock detection, which
+# knows only its own module locks. So a worker opens its source while it unpickles the dataset (grain does that in
+# the worker's main thread, before any read thread exists), and every open, there or on a read thread
+# (num_workers = 0, a retry after a failed open), holds this lock: first-time tfds imports run on one thread.
+_OPEN_LOCK = threading.Lock()
+
+
 @dataclasses.dataclass(eq=False, kw_only=True)
 class TfdsSegDataset(SegSource):
-    """One split of a TFDS dataset; the data source opens lazily, so it pickles cheaply into grain workers."""
+    """One split of a TFDS dataset. The data source is left out of its pickle (cheap to send to grain workers) and
+    opens on the first read, or as a copy is unpickled (in a grain worker: before its read threads start)."""
 
     builder_dir: str
     tfds_split: str
@@ -75,16 +92,27 @@ class TfdsSegDataset(SegSource):
         state["_source"] = None
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        try:  # before grain's read threads start: see _OPEN_LOCK
+            self._records()
+        except Exception:  # the first read raises it again, where the pipeline reports read errors
+            pass
+
     def __len__(self) -> int:
         return self.num_examples
 
     def _records(self):
-        if self._source is None:
-            tfds = _tfds()
-            builder = tfds.builder_from_directory(self.builder_dir)
-            keep = {self.image_key: tfds.decode.SkipDecoding(), self.label_key: tfds.decode.SkipDecoding()}
-            self._source = builder.as_data_source(split=self.tfds_split, decoders=keep)
-        return self._source
+        source = self._source
+        if source is None:
+            with _OPEN_LOCK:  # see its comment: never import or open tfds from two threads at once
+                source = self._source
+                if source is None:
+                    tfds = _tfds()
+                    builder = tfds.builder_from_directory(self.builder_dir)
+                    keep = {key: tfds.decode.SkipDecoding() for key in (self.image_key, self.label_key)}
+                    source = self._source = builder.as_data_source(split=self.tfds_split, decoders=keep)
+        return source
 
     def _raw(self, index: int):
         record = self._records()[index]
