@@ -44,7 +44,11 @@ def get_config(arg=None):
     c.clip.dense_mode = "catseg"  # "catseg" (last-block value path) | "plain"
     c.clip.finetune = "qv"  # image tower: "qv" (CAT-Seg) | "full" | "none"; see dcp_jax/optim.py
     c.clip.text_finetune = False  # also train the text tower's q/v (MODEL.md section 1)
-    c.clip.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params stay float32
+    # Compute dtype: "auto" = bfloat16 on GPU/TPU, float32 on CPU | "float32" | "bfloat16". Parameters,
+    # optimizer state, softmax/norm statistics, logits and the loss stay float32 (models/compute.py).
+    c.clip.dtype = "auto"
+    # CLIP blocks as one scanned block: compiles one block, not one per layer (a loop under FSDP: dcp.compute_options)
+    c.clip.scan_layers = True
     c.clip.tiny = ml_collections.ConfigDict()  # architecture of a random CLIP when checkpoint == "" (tiny.py)
 
     # --- text side (MODEL.md section 1) ---
@@ -57,6 +61,13 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict()
     c.model.hidden_dim = 128  # d
     c.model.num_heads = 4
+    # "auto": jax.nn.dot_product_attention on GPU/TPU (cuDNN flash attention where it applies), the
+    # einsum path on CPU | "xla" | "cudnn" | "reference" (models/compute.py)
+    c.model.attention = "auto"
+    # Recompute each CLIP / TGA / Swin block's activations in the backward pass: "none" | "full" (or
+    # "true") | "dots" (keeps the weight matmuls' outputs). Trades compute for memory (README: memory
+    # per device; models/compute.py).
+    c.model.remat = "none"
     c.model.dcs = ml_collections.ConfigDict(dict(
         theta=0.5,  # image-level threshold; 0 selects every class ("no DCS", Table VII)
         num_slots=32,  # K in training; 0 = one slot per class

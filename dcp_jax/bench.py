@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax import cli, distributed, files, forward, inference, runtime
-from dcp_jax.models import build, clip, dcp, selection
+from dcp_jax.models import build, compute, dcp, selection
 from dcp_jax.models.summary import count_params
 
 GIB = 2**30
@@ -119,12 +118,12 @@ class Bench:
 
     def gflops(self, text: jax.Array, slots: int, stages=None) -> tuple[float, float]:
         """(CLIP, head) GFLOPs of the two compiled stages at K = slots, counted on the programs with
-        attention in one op (clip.attention_in_one_op: the cost analysis counts a loop once); `stages`:
+        attention in one op (compute.attention_in_one_op: the cost analysis counts a loop once); `stages`:
         the arguments from `stages(text, slots)`, if at hand."""
         (one, args_one), (two, args_two) = stages or self.stages(text, slots)
-        if not clip.chunks_attention():  # the programs at hand already hold attention as one op
+        if not compute.chunks_attention():  # the programs at hand already hold attention as one op
             return _compiled_stats(one)[0], _compiled_stats(two)[0]
-        with clip.attention_in_one_op():
+        with compute.attention_in_one_op():
             one = forward.encode_select.lower(self.graphdef, *args_one, views_per_image=self.views_per_image,
                                               max_slots=text.shape[0]).compile()
             two = forward.decode.lower(self.graphdef, *args_two, views_per_image=self.views_per_image,
@@ -195,8 +194,8 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     compiled = step.lower(state, batch, text, None).compile()
     gflops, memory = _compiled_stats(compiled)
-    if clip.chunks_attention():
-        with clip.attention_in_one_op():  # the FLOPs of the same step with attention as one op (Bench.gflops)
+    if compute.chunks_attention():
+        with compute.attention_in_one_op():  # the FLOPs of the same step with attention as one op (Bench.gflops)
             gflops = _compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
                                      .lower(state, batch, text, None).compile())[0]
     result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,

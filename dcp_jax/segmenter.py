@@ -14,7 +14,6 @@ and the combination of the views at the original size (dcp_jax/inference.py). `e
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -52,7 +51,8 @@ class Segmenter:
         self._graphdef, params = nnx.split(model)
         self._params = distributed.to_mesh(params, self.mesh, config.mesh)
         local_model = nnx.merge(self._graphdef, self._params)
-        self._text_model = local_model if zero_shot else local_model.frozen_text_clip()
+        # The vocabulary's template embeddings in float32, whatever the model computes in.
+        self._text_model = clip_lib.with_compute(local_model) if zero_shot else local_model.frozen_text_clip()
         self.class_names: list[str] | None = None
         self.last_slots: dict | None = None  # {"selected", "bucket", "relabelled"} of the last batch (not for zero-shot)
         runtime.enable_compilation_cache()

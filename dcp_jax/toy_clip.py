@@ -36,7 +36,7 @@ from flax import nnx
 from dcp_jax import files
 from dcp_jax.data import toy_world
 from dcp_jax.models import build
-from dcp_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, load_clip, normalize_pixels,
+from dcp_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, normalize_pixels,
                                  save_hf_checkpoint)
 
 CODE_VERSION = "toy_clip-2"  # bump when training or evaluation changes: it keys the cache

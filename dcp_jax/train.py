@@ -204,9 +204,9 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
     if distributed.is_primary():
         ckpt_lib.save_inference_assets(workdir, clip_path, clip_config)
     tokenizer = text_lib.load_tokenizer(clip_path)
-    # The (frozen) template embeddings, from a copy of the pretrained CLIP on this host (whatever the
-    # model's sharding across hosts).
-    text_model = clip_lib.model_from_params(clip_config, clip_params, dcp.compute_dtype(config))
+    # The (frozen) template embeddings, once, in float32, from a copy of the pretrained CLIP on this host
+    # (whatever the model's sharding across hosts and compute dtype).
+    text_model = clip_lib.model_from_params(clip_config, clip_params, jnp.float32)
     text_embeds = text_lib.embed_vocabulary(text_model, tokenizer, class_names, config.text.templates,
                                             batch_size=config.text.batch_size)
     del text_model, clip_params

@@ -24,25 +24,25 @@ def test_bench_rows_and_selection_saves_head_flops(tmp_path, capsys):
 
 def test_flops_count_chunked_attention_in_full(monkeypatch):
     """XLA's cost analysis counts a loop body once: the bench counts FLOPs on the programs with attention
-    as one op, so CPU chunking (clip.CPU_SCORE_CHUNK_BYTES) does not hide FLOPs."""
+    as one op, so CPU chunking (compute.CPU_SCORE_CHUNK_BYTES) does not hide FLOPs."""
     import jax
     import jax.numpy as jnp
     import pytest
 
     from dcp_jax.configs import tiny
-    from dcp_jax.models import build, clip, dcp
+    from dcp_jax.models import build, compute, dcp
 
     config = tiny.get_config()
     model = build.create_model(config)
     runner = bench.Bench(config, model, mode="whole")
     text = jnp.asarray(bench.random_text(12, dcp.num_templates(config), model.clip_dim))
-    monkeypatch.setattr(clip, "CPU_SCORE_CHUNK_BYTES", 1 << 62)
+    monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1 << 62)
     jax.clear_caches()
     (one, _), (two, _) = runner.stages(text, 8)
     plain = bench._compiled_stats(one)[0], bench._compiled_stats(two)[0]
-    monkeypatch.setattr(clip, "CPU_SCORE_CHUNK_BYTES", 1)  # every attention call in chunks
+    monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1)  # every attention call in chunks
     jax.clear_caches()
     stages = runner.stages(text, 8)
     assert bench._compiled_stats(stages[1][0])[0] < 0.99 * plain[1]  # what the analysis alone would say
     assert runner.gflops(text, 8, stages) == pytest.approx(plain, rel=1e-9)
-    assert clip.CPU_SCORE_CHUNK_BYTES == 1  # restored
+    assert compute.CPU_SCORE_CHUNK_BYTES == 1  # restored

@@ -1,6 +1,6 @@
 """The CPU-only fast paths give the numbers of the plain path they replace.
 
-- attention in chunks of the leading axes (clip.CPU_SCORE_CHUNK_BYTES), at every call site of the real
+- attention in chunks of the leading axes (compute.CPU_SCORE_CHUNK_BYTES), at every call site of the real
   model: the CLIP image tower (with the last block's probabilities), the text tower (causal + padding
   mask), TGA's cross attention (slot mask) and spatial attention, the shifted Swin windows (Swin's mask);
   forward and gradients;
@@ -15,7 +15,7 @@ from flax import nnx
 
 from dcp_jax import loss as loss_lib
 from dcp_jax import optim
-from dcp_jax.models import clip, decoder
+from dcp_jax.models import compute, decoder
 from test_model_dcp import images, make_model, small_config, unit_text
 
 ONE_OP, EVERY_ITEM = 1 << 62, 1  # chunk budgets: never chunk / one leading index per chunk
@@ -35,7 +35,7 @@ def _scan_count(fn, *args):
 
 
 def test_chunked_attention_matches_one_batched_op(monkeypatch):
-    config = small_config()
+    config = small_config(**{"clip.scan_layers": False})  # no scan but the chunks' (counted below)
     model = make_model(config)
     num_classes = 6
     text = jnp.asarray(unit_text(num_classes, 1, 16, seed=3))
@@ -61,10 +61,10 @@ def test_chunked_attention_matches_one_batched_op(monkeypatch):
         return {**forward(model, imgs, text, ids, mask), "loss": loss, "grads": nnx.to_pure_dict(grads)}
 
     with jax.default_matmul_precision("highest"):
-        monkeypatch.setattr(clip, "CPU_SCORE_CHUNK_BYTES", ONE_OP)
+        monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", ONE_OP)
         assert _scan_count(lambda i: model(i, text, num_slots=4)["logits"], imgs) == 0
         plain = run()
-        monkeypatch.setattr(clip, "CPU_SCORE_CHUNK_BYTES", EVERY_ITEM)
+        monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", EVERY_ITEM)
         # image tower, text tower, TGA cross + spatial, 2 decoder layers x 2 Swin blocks all chunked
         assert _scan_count(lambda i: model(i, text, num_slots=4)["logits"], imgs) >= 6
         chunked = run()
@@ -85,10 +85,10 @@ def test_chunked_attention_broadcasts_bias_like_the_plain_op(monkeypatch, lead, 
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((*lead, 5, 2, 3)), jnp.float32) for _ in range(3))
     bias = None if bias_shape is None else jnp.asarray(rng.standard_normal(bias_shape) * 3, jnp.float32)
-    monkeypatch.setattr(clip, "CPU_SCORE_CHUNK_BYTES", ONE_OP)
-    ref_out, ref_probs = clip.multi_head_attention(q, k, v, bias=bias)
-    monkeypatch.setattr(clip, "CPU_SCORE_CHUNK_BYTES", EVERY_ITEM)
-    out, probs = clip.multi_head_attention(q, k, v, bias=bias)
+    monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", ONE_OP)
+    ref_out, ref_probs = compute.multi_head_attention(q, k, v, bias=bias, return_probs=True)
+    monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", EVERY_ITEM)
+    out, probs = compute.multi_head_attention(q, k, v, bias=bias, return_probs=True)
     assert out.shape == (*lead, 5, 2, 3) and probs.shape == (*lead, 2, 5, 5)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(probs), np.asarray(ref_probs), rtol=1e-6, atol=1e-7)

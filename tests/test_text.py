@@ -14,7 +14,6 @@ from transformers import CLIPTokenizer
 
 from dcp_jax import text
 from dcp_jax.models import selection
-from dcp_jax.models import selection
 from dcp_jax.configs.tiny import TINY_CLIP
 from dcp_jax.models import clip
 from dcp_jax.models.tiny_clip import write_tiny_clip

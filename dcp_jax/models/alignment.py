@@ -20,23 +20,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dcp_jax.models.selection import l2_normalize
-from dcp_jax.models.clip import multi_head_attention
+from dcp_jax.models.compute import LayerNorm, multi_head_attention, remat_call, remat_name
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default, so exported weights behave the same
 PROMPTS = ("tokens", "context", "none")  # config.model.guidance.prompt (Table V)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, bias: jax.Array | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, bias: jax.Array | None = None,
+              impl: str = "auto") -> jax.Array:
     """Multi-head scaled dot-product attention on projected inputs.
 
     q [..., Lq, d], k [..., Lk, d], v [..., Lk, dv]; `bias` broadcasts to [..., heads, Lq, Lk] and is
-    added to the float32 scores (use a large negative value to mask). Returns [..., Lq, dv].
+    added to the float32 scores (use a large negative value to mask); `impl`: compute.ATTENTION_IMPLS.
+    Returns [..., Lq, dv].
     """
     d, dv = q.shape[-1], v.shape[-1]
     if d % num_heads or dv % num_heads:
         raise ValueError(f"attention width {d}/{dv} is not divisible by num_heads={num_heads}")
     split = lambda x: x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)  # noqa: E731
-    out, _ = multi_head_attention(split(q), split(k), split(v), bias=bias)
+    out, _ = multi_head_attention(split(q), split(k), split(v), bias=bias, impl=impl)
     return out.reshape(*out.shape[:-2], dv)
 
 
@@ -54,15 +56,16 @@ class MLP(nnx.Module):
 class CrossAttentionBlock(nnx.Module):
     """Visual tokens (queries) attend to slot guidance (keys/values); post-LN residual + MLP."""
 
-    def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, dtype, attention: str = "auto", rngs: nnx.Rngs):
         self.num_heads = num_heads
+        self.attention = attention
         self.q_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.k_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.v_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.out_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
         self.mlp = MLP(dim, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, guidance: jax.Array, slot_valid: jax.Array,
                  prompt: jax.Array | None = None) -> jax.Array:
@@ -75,7 +78,8 @@ class CrossAttentionBlock(nnx.Module):
                                                                    (b, m, prompt.shape[1]))], axis=1)
             slot_valid = jnp.concatenate([slot_valid, jnp.ones((b, m), bool)], axis=1)
         bias = jnp.where(slot_valid, 0.0, -1e9).astype(jnp.float32)[:, None, None, :]  # [B,1,1,K(+M)]
-        attended = attention(self.q_proj(tokens), self.k_proj(guidance), self.v_proj(guidance), self.num_heads, bias)
+        attended = attention(self.q_proj(tokens), self.k_proj(guidance), self.v_proj(guidance), self.num_heads, bias,
+                             self.attention)
         x = self.norm1(tokens + self.out_proj(attended))
         return self.norm2(x + self.mlp(x))
 
@@ -89,23 +93,25 @@ class SpatialSelfAttentionBlock(nnx.Module):
     but CA is on, so the refined visual features still reach the cost features (Table IV, "CA only").
     """
 
-    def __init__(self, dim: int, num_heads: int, *, attend: bool = True, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, attend: bool = True, dtype, attention: str = "auto",
+                 rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.attend = attend
+        self.attention = attention
         if attend:
             self.q_proj = nnx.Linear(2 * dim, dim, dtype=dtype, rngs=rngs)
             self.k_proj = nnx.Linear(2 * dim, dim, dtype=dtype, rngs=rngs)
         self.v_proj = nnx.Linear(2 * dim, dim, dtype=dtype, rngs=rngs)
         self.out_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
         self.mlp = MLP(dim, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
     def __call__(self, cost: jax.Array, visual: jax.Array) -> jax.Array:
         """cost [B,K,N,d], visual [B,N,d] -> refined cost [B,K,N,d]."""
         x = jnp.concatenate([cost, jnp.broadcast_to(visual[:, None], cost.shape)], axis=-1)
         v = self.v_proj(x)
-        attended = attention(self.q_proj(x), self.k_proj(x), v, self.num_heads) if self.attend else v
+        attended = attention(self.q_proj(x), self.k_proj(x), v, self.num_heads, impl=self.attention) if self.attend else v
         y = self.norm1(cost + self.out_proj(attended))
         return self.norm2(y + self.mlp(y))
 
@@ -126,9 +132,12 @@ class TextGuidedAlignment(nnx.Module):
         prompt_tokens: int = 4,
         guidance_cls_logit: bool = True,
         dtype=jnp.float32,
+        attention: str = "auto",
+        remat="none",
         rngs: nnx.Rngs,
     ):
         self.num_templates = num_templates
+        self.remat = remat_name(remat)
         self.cross_attention = cross_attention
         self.self_attention = self_attention
         if guidance_prompt not in PROMPTS:
@@ -145,10 +154,10 @@ class TextGuidedAlignment(nnx.Module):
                     jax.random.normal(rngs.params(), (prompt_tokens, hidden_dim), jnp.float32) * 0.02)
             guidance_in = clip_dim + (1 if guidance_cls_logit else 0)
             self.guidance_proj = nnx.Linear(guidance_in, hidden_dim, dtype=dtype, rngs=rngs)
-            self.cross_block = CrossAttentionBlock(hidden_dim, num_heads, dtype=dtype, rngs=rngs)
+            self.cross_block = CrossAttentionBlock(hidden_dim, num_heads, dtype=dtype, attention=attention, rngs=rngs)
         if cross_attention or self_attention:
             self.self_block = SpatialSelfAttentionBlock(
-                hidden_dim, num_heads, attend=self_attention, dtype=dtype, rngs=rngs
+                hidden_dim, num_heads, attend=self_attention, dtype=dtype, attention=attention, rngs=rngs
             )
 
     def guidance(self, slot_guidance_text: jax.Array, slot_cos: jax.Array) -> jax.Array:
@@ -187,6 +196,7 @@ class TextGuidedAlignment(nnx.Module):
         visual = jax.nn.relu(self.visual_proj(dense)).reshape(b, gh * gw, -1)
         if self.cross_attention:
             prompt = self.prompt_tokens[...] if hasattr(self, "prompt_tokens") else None
-            visual = self.cross_block(visual, self.guidance(slot_guidance_text, slot_cos), slot_valid, prompt)
-        cost = self.self_block(cost, visual)
+            visual = remat_call(self.cross_block, lambda block, *a: block(*a), self.remat, visual,
+                                self.guidance(slot_guidance_text, slot_cos), slot_valid, prompt)
+        cost = remat_call(self.self_block, lambda block, *a: block(*a), self.remat, cost, visual)
         return cost.reshape(b, k, gh, gw, -1), corr

@@ -11,9 +11,7 @@ Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax.models import clip_convert
+from dcp_jax.models.compute import LayerNorm, maybe_remat, multi_head_attention, remat_name
 
 # --------------------------------------------------------------------------------------------------
 # Configs (HF field names and HF 5.x defaults, so a partial config.json reads like transformers reads it)
@@ -159,96 +158,18 @@ def _linear(n_in, n_out, dtype, rngs, use_bias=True):
 
 
 def _layer_norm(width, eps, dtype, rngs):
-    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, scale_init=_ONES,
+    return LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, scale_init=_ONES,
                          bias_init=_ZEROS, rngs=rngs)
-
-
-# XLA:CPU writes the whole [..., h, Lq, Lk] score tensor to memory before the softmax. The decoder's window
-# attention (B/16 @384, 16 slots: 340 MB of scores) and TGA's spatial attention (85 MB) ran about 2x faster
-# here in chunks whose scores stay in cache; GPUs and TPUs keep one batched op.
-CPU_SCORE_CHUNK_BYTES = 8 << 20
-
-
-def chunks_attention() -> bool:
-    """Whether attention traced now may run in chunks (the CPU backend)."""
-    return jax.default_backend() == "cpu"
-
-
-@contextlib.contextmanager
-def attention_in_one_op():
-    """Inside, attention is traced as one batched op on every backend. For FLOP counts: XLA's cost
-    analysis counts a loop body once, so it would miss most of the chunked attention's FLOPs.
-    JAX's caches are cleared on entry and exit, so jitted functions trace again under the setting."""
-    global CPU_SCORE_CHUNK_BYTES
-    saved, CPU_SCORE_CHUNK_BYTES = CPU_SCORE_CHUNK_BYTES, 1 << 62
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        CPU_SCORE_CHUNK_BYTES = saved
-        jax.clear_caches()
-
-
-def multi_head_attention(q, k, v, *, bias=None, mask=None):
-    """Scaled dot-product attention over split heads: q [..., Lq, h, d], k [..., Lk, h, d], v [..., Lk, h, dv]
-    -> (out [..., Lq, h, dv], float32 probabilities [..., h, Lq, Lk]). `bias` (added to the scores) and `mask`
-    (bool, True = attend) broadcast to [..., h, Lq, Lk].
-
-    The heads move in front of the token axes before the two matmuls: on XLA's CPU backend the batched
-    matmuls with the heads between the token and feature axes ran 2-3x slower (B/16 @384: 32 -> 11 ms per
-    layer; the decoder's window attention 0.23 -> 0.10 s), and GPUs and TPUs take either layout.
-    On CPU, a large batch is computed in chunks of the leading axes (CPU_SCORE_CHUNK_BYTES), with the
-    same result up to float32 rounding.
-    """
-    lead, (lq, h, _), lk = q.shape[:-3], q.shape[-3:], k.shape[-3]
-    extra = [a for a in (bias, mask) if a is not None]
-    per_item = h * lq * lk * 4  # float32 score bytes of one index of the leading axes
-    if chunks_attention() and lead and math.prod(lead) * per_item > CPU_SCORE_CHUNK_BYTES:
-        if all(jnp.ndim(a) <= 3 for a in extra):
-            # bias / mask do not vary over the leading axes: chunk them all, flattened
-            flat = lambda t: t.reshape(-1, *t.shape[len(lead):])  # noqa: E731
-            out, probs = _chunked_attention(flat(q), flat(k), flat(v), bias, mask, per_item)
-            return out.reshape(*lead, *out.shape[1:]), probs.reshape(*lead, *probs.shape[1:])
-        if lead[0] > 1:
-            return _chunked_attention(q, k, v, bias, mask, per_item * math.prod(lead[1:]), leading=len(lead))
-    return _attention(q, k, v, bias, mask)
-
-
-def _chunked_attention(q, k, v, bias, mask, per_item, leading=1):
-    """`_attention` mapped over axis 0 of q, k, v, in batches of about CPU_SCORE_CHUNK_BYTES of scores.
-    bias / mask: mapped along when they have that axis at full size, else the same for every chunk."""
-    n = q.shape[0]
-    mapped = lambda a: a is not None and jnp.ndim(a) == leading + 3 and a.shape[0] == n  # noqa: E731
-    drop = lambda a: a[0] if a is not None and jnp.ndim(a) == leading + 3 else a  # noqa: E731  (size-1 axis 0)
-    xs = (q, k, v, bias if mapped(bias) else None, mask if mapped(mask) else None)
-    shared_bias, shared_mask = (None if mapped(a) else drop(a) for a in (bias, mask))
-
-    def one(item):
-        qi, ki, vi, bi, mi = item
-        return _attention(qi, ki, vi, shared_bias if bi is None else bi, shared_mask if mi is None else mi)
-
-    return jax.lax.map(one, xs, batch_size=max(1, CPU_SCORE_CHUNK_BYTES // per_item))
-
-
-def _attention(q, k, v, bias, mask):
-    qh, kh, vh = (jnp.swapaxes(t, -2, -3) for t in (q, k, v))  # [..., h, L, d]
-    scores = jnp.einsum("...qd,...kd->...qk", qh, kh, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-    if bias is not None:
-        scores = scores + bias
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), vh)
-    return jnp.swapaxes(out, -2, -3), probs
 
 
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention with separate q/k/v/out projections (HF layout)."""
 
-    def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, *, dtype, attention: str = "auto", rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"hidden_size={width} is not divisible by num_attention_heads={num_heads}")
         self.num_heads = num_heads
+        self.attention = attention
         self.head_dim = width // num_heads
         self.q_proj = _linear(width, width, dtype, rngs)
         self.k_proj = _linear(width, width, dtype, rngs)
@@ -261,8 +182,8 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x, mask=None, *, return_probs: bool = False):
         """x [B,T,W]; mask bool broadcastable to [B,heads,T,T] (True = attend). Returns (y, probs or None)."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        y, probs = multi_head_attention(q, k, v, mask=mask)
-        return self.out_proj(y.reshape(*x.shape[:-1], -1)), probs if return_probs else None
+        y, probs = multi_head_attention(q, k, v, mask=mask, impl=self.attention, return_probs=return_probs)
+        return self.out_proj(y.reshape(*x.shape[:-1], -1)), probs
 
 
 class CLIPMLP(nnx.Module):
@@ -278,9 +199,9 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, dtype, attention: str = "auto", rngs: nnx.Rngs):
         w = cfg.hidden_size
-        self.self_attn = CLIPAttention(w, cfg.num_attention_heads, dtype=dtype, rngs=rngs)
+        self.self_attn = CLIPAttention(w, cfg.num_attention_heads, dtype=dtype, attention=attention, rngs=rngs)
         self.layer_norm1 = _layer_norm(w, cfg.layer_norm_eps, dtype, rngs)
         self.mlp = CLIPMLP(w, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs)
         self.layer_norm2 = _layer_norm(w, cfg.layer_norm_eps, dtype, rngs)
@@ -300,8 +221,43 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    """The stack of blocks. With `scan_layers` the blocks run as one jax.lax.scan over their parameters
+    stacked on the fly (the parameter tree keeps HF's per-layer names), so XLA compiles one block, not
+    one per layer (maxtext's scan_layers); `remat` rematerialises each block (compute.REMAT_POLICIES)."""
+
+    def __init__(self, cfg, *, dtype, attention: str = "auto", remat="none", scan_layers: bool = False,
+                 rngs: nnx.Rngs):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, attention=attention, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.remat = remat_name(remat)
+        self.scan_layers = bool(scan_layers)
+
+    def __call__(self, x, mask=None, *, stop: int | None = None, collect: bool = False):
+        """Blocks 0..stop-1 (default: all) on x [B,T,W] -> (x, the residual stream after each of them
+        [n,B,T,W] if `collect` else None)."""
+        blocks = list(self.layers)[:stop]
+        if not blocks:
+            return x, (x[None][:0] if collect else None)
+        graphdef = nnx.split(blocks[0])[0]  # every block has the same structure
+
+        def block(x, params):
+            return nnx.merge(graphdef, params)(x, mask)[0]
+
+        params = [nnx.state(b) for b in blocks]
+        if self.scan_layers and len(blocks) > 1:
+            body = maybe_remat(block, self.remat, in_scan=True)
+
+            def step(x, p):
+                x = body(x, p)
+                return x, x if collect else None
+
+            return jax.lax.scan(step, x, jax.tree.map(lambda *ps: jnp.stack(ps), *params))
+        body = maybe_remat(block, self.remat)
+        hidden = []
+        for p in params:
+            x = body(x, p)
+            hidden.append(x)
+        return x, jnp.stack(hidden) if collect else None
 
 
 class CLIPVisionEmbeddings(nnx.Module):
@@ -324,10 +280,10 @@ class CLIPVisionEmbeddings(nnx.Module):
 
 
 class CLIPVisionTransformer(nnx.Module):
-    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs, **encoder):
         self.embeddings = CLIPVisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
         self.pre_layrnorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)  # sic, HF name
-        self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
+        self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs, **encoder)
         self.post_layernorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
 
 
@@ -340,9 +296,9 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPTextTransformer(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs, **encoder):
         self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
-        self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
+        self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs, **encoder)
         self.final_layer_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype, rngs)
 
 
@@ -354,11 +310,16 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPModel(nnx.Module):
     """CLIP with HF parameter names; see the module docstring."""
 
-    def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, attention: str = "auto", remat="none",
+                 scan_layers: bool = False, rngs: nnx.Rngs):
+        """dtype: the compute dtype (parameters are float32); attention, remat, scan_layers: how the blocks
+        run (dcp_jax/models/compute.py, CLIPEncoder); none of them changes the parameters."""
         self.config = config
         self.dtype = dtype
-        self.text_model = CLIPTextTransformer(config.text, dtype=dtype, rngs=rngs)
-        self.vision_model = CLIPVisionTransformer(config.vision, dtype=dtype, rngs=rngs)
+        self.remat = remat_name(remat)
+        encoder = dict(attention=attention, remat=remat, scan_layers=scan_layers)
+        self.text_model = CLIPTextTransformer(config.text, dtype=dtype, rngs=rngs, **encoder)
+        self.vision_model = CLIPVisionTransformer(config.vision, dtype=dtype, rngs=rngs, **encoder)
         self.visual_projection = _linear(config.vision.hidden_size, config.projection_dim, dtype, rngs, use_bias=False)
         self.text_projection = _linear(config.text.hidden_size, config.projection_dim, dtype, rngs, use_bias=False)
         self.logit_scale = nnx.Param(jnp.full((), config.logit_scale_init_value, jnp.float32))  # log temperature
@@ -396,25 +357,35 @@ class CLIPModel(nnx.Module):
         x = vm.pre_layrnorm(x)
         b = x.shape[0]
         aux: dict[str, jax.Array] = {}
-        blocks = vm.encoder.layers
-        for i in range(num_layers - 1):
-            x, _ = blocks[i](x)
-            if i in layers:
-                aux[f"layer_{i}"] = x[:, 1:].reshape(b, h, w, -1).astype(jnp.float32)
-        last = blocks[num_layers - 1]
-        out, probs = last(x, return_probs=True)
+        early = [i for i in layers if i < num_layers - 1]
+        x, hidden = vm.encoder(x, stop=num_layers - 1, collect=bool(early))
+        for i in early:
+            aux[f"layer_{i}"] = hidden[i][:, 1:].reshape(b, h, w, -1).astype(jnp.float32)
+        out, attn_last, dense_tokens = self._last_block(x, dense_mode)
         if num_layers - 1 in layers:
             aux[f"layer_{num_layers - 1}"] = out[:, 1:].reshape(b, h, w, -1).astype(jnp.float32)
-        # The head mean as adds of head slices: XLA:CPU's YNNPACK reduce over the middle head axis took
-        # 24 ms here (B/16 @384), the adds under 1 ms.
-        heads = probs.shape[1]
-        aux["attn_last"] = (sum(probs[:, i] for i in range(heads)) / heads)[:, 1:, 1:].astype(jnp.float32)
-
-        dense_tokens = last.dense_value_path(x) if dense_mode == "catseg" else out
+        aux["attn_last"] = attn_last[:, 1:, 1:].astype(jnp.float32)
         dense = self.visual_projection(vm.post_layernorm(dense_tokens[:, 1:]))
         aux["dense"] = dense.reshape(b, h, w, -1).astype(jnp.float32)
         embeds = self.visual_projection(vm.post_layernorm(out[:, 0]))
         return embeds.astype(jnp.float32), aux
+
+    def _last_block(self, x, dense_mode: str):
+        """The last image block, which also gives its head-mean attention map [B,T,T] (through the
+        reference attention, the one path that keeps the probabilities) and the dense tokens:
+        (out, attn, dense tokens). Rematerialised like the other blocks."""
+        graphdef, params = nnx.split(self.vision_model.encoder.layers[-1])
+
+        def run(x, params):
+            last = nnx.merge(graphdef, params)
+            out, probs = last(x, return_probs=True)
+            # The head mean as adds of head slices: XLA:CPU's YNNPACK reduce over the middle head axis
+            # took 24 ms here (B/16 @384), the adds under 1 ms.
+            heads = probs.shape[1]
+            attn = sum(probs[:, i] for i in range(heads)) / heads
+            return out, attn, last.dense_value_path(x) if dense_mode == "catseg" else out
+
+        return maybe_remat(run, self.remat)(x, params)
 
     def get_image_features(self, pixel_values):
         """Projected, un-normalised image embedding [B,D] (HF `CLIPModel.get_image_features`)."""
@@ -424,9 +395,7 @@ class CLIPModel(nnx.Module):
             return self.encode_image(pixel_values)[0]  # raises the explanatory error
         vm = self.vision_model
         x, _ = vm.embeddings(pixel_values.astype(self.dtype))
-        x = vm.pre_layrnorm(x)
-        for block in vm.encoder.layers:
-            x, _ = block(x)
+        x, _ = vm.encoder(vm.pre_layrnorm(x))
         return self.visual_projection(vm.post_layernorm(x[:, 0])).astype(jnp.float32)
 
     # ---------------------------------------------------------------- text tower
@@ -449,8 +418,7 @@ class CLIPModel(nnx.Module):
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] > 0)
-        for block in tm.encoder.layers:
-            x, _ = block(x, mask)
+        x, _ = tm.encoder(x, mask)
         return tm.final_layer_norm(x)
 
     def get_text_features(self, input_ids, attention_mask=None, context=None):
@@ -472,9 +440,16 @@ class CLIPModel(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def abstract_clip(config: CLIPConfig, dtype=jnp.float32) -> CLIPModel:
-    """A CLIPModel whose params are ShapeDtypeStructs (nothing allocated or initialised)."""
-    return nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_clip(config: CLIPConfig, dtype=jnp.float32, **compute) -> CLIPModel:
+    """A CLIPModel whose params are ShapeDtypeStructs (nothing allocated or initialised); `compute`:
+    attention / remat / scan_layers (CLIPModel)."""
+    return nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype, rngs=nnx.Rngs(0), **compute))
+
+
+def with_compute(model: CLIPModel, dtype=jnp.float32, **compute) -> CLIPModel:
+    """The same parameters (shared, not copied) in a CLIPModel that computes in `dtype` (and `compute`:
+    attention / remat / scan_layers), e.g. the float32 text tower of a bfloat16 model."""
+    return nnx.merge(nnx.graphdef(abstract_clip(model.config, dtype, **compute)), nnx.state(model))
 
 
 def expected_param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
@@ -540,4 +515,5 @@ def save_hf_checkpoint(model: CLIPModel, config: CLIPConfig, out_dir: str | os.P
 
 
 __all__ = ["CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig", "abstract_clip", "expected_param_shapes",
-           "load_clip", "load_clip_params", "model_from_params", "model_params", "normalize_pixels", "save_hf_checkpoint"]
+           "load_clip", "load_clip_params", "model_from_params", "model_params", "normalize_pixels", "save_hf_checkpoint",
+           "with_compute"]

@@ -15,7 +15,6 @@ Flax tree minus `params/` (`vision_model/encoder/layers/3/self_attn/q_proj/kerne
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 import zipfile

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from dcp_jax.models import selection
+from dcp_jax.models import compute, selection
 from dcp_jax.models.alignment import TextGuidedAlignment
-from dcp_jax.models.clip import CLIPConfig, CLIPModel, normalize_pixels
+from dcp_jax.models.clip import CLIPConfig, CLIPModel, normalize_pixels, with_compute
 from dcp_jax.models.decoder import SpatialEnhancementDecoder
 from dcp_jax.models.tag_validation import validate_tags
 
@@ -41,11 +41,24 @@ def num_templates(config: ConfigDict) -> int:
 
 
 def compute_dtype(config: ConfigDict):
-    """config.clip.dtype as a jnp dtype (compute only; params stay float32)."""
-    name = config.clip.dtype
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"config.clip.dtype={name!r}: expected 'float32' or 'bfloat16'")
-    return jnp.dtype(name)
+    """config.clip.dtype as a jnp dtype (compute only; params stay float32): "auto" is bfloat16 on GPUs
+    and TPUs, float32 on CPU (compute.resolve_dtype)."""
+    return compute.resolve_dtype(config.clip.dtype)
+
+
+def compute_options(config: ConfigDict) -> dict:
+    """How the blocks run (dcp_jax/models/compute.py): attention, remat, scan_layers. Configs saved
+    before these keys existed get the defaults.
+
+    With FSDP (config.mesh.fsdp > 1) the CLIP blocks run as a loop whatever clip.scan_layers says: over
+    a scan of fsdp-sharded weights XLA partitioned the blocks' matmuls along the sharded weights (partial
+    sums, then an all-reduce of activations) instead of gathering each weight, which moves more data
+    and changed a few predicted labels against the same checkpoint on one device (tests/test_train.py)."""
+    attention = config.model.get("attention", "auto")
+    if attention not in compute.ATTENTION_IMPLS:
+        raise ValueError(f"config.model.attention={attention!r}: expected one of {compute.ATTENTION_IMPLS}")
+    scan = bool(config.clip.get("scan_layers", True)) and int(config.mesh.get("fsdp", 1)) == 1
+    return dict(attention=attention, remat=compute.remat_name(config.model.get("remat", "none")), scan_layers=scan)
 
 
 def reencodes_text(config: ConfigDict) -> bool:
@@ -117,7 +130,8 @@ class DCPCLIP(nnx.Module):
         self.num_templates = num_templates(config)
         self.clip_dim = clip_config.projection_dim
 
-        self.clip = CLIPModel(clip_config, dtype=dtype, rngs=rngs)
+        options = compute_options(config)
+        self.clip = CLIPModel(clip_config, dtype=dtype, rngs=rngs, **options)
         if config.clip.get("text_finetune", False):
             # The pretrained text q/v, kept frozen: DCS and the cost volume use the template embeddings
             # of the frozen tower for any vocabulary (MODEL.md section 1).
@@ -137,6 +151,8 @@ class DCPCLIP(nnx.Module):
             prompt_tokens=m.guidance.prompt_tokens,
             guidance_cls_logit=m.guidance.cls_logit,
             dtype=dtype,
+            attention=options["attention"],
+            remat=options["remat"],
             rngs=rngs,
         )
         self.decoder = SpatialEnhancementDecoder(
@@ -147,6 +163,8 @@ class DCPCLIP(nnx.Module):
             num_heads=m.num_heads,
             cfg=m.decoder,
             dtype=dtype,
+            attention=options["attention"],
+            remat=options["remat"],
             rngs=rngs,
         )
 
@@ -207,17 +225,17 @@ class DCPCLIP(nnx.Module):
                              jnp.asarray(seen, jnp.bool_), k=self.tv_k)
 
     def frozen_text_clip(self) -> CLIPModel:
-        """The CLIP whose text tower gives the cost-volume / DCS template embeddings: self.clip with the
-        pretrained text q/v when the text tower is fine-tuned (shares every other array)."""
-        if not hasattr(self, "frozen_text_qv"):
-            return self.clip
-        graphdef, state = nnx.split(self.clip)
-        frozen = nnx.to_pure_dict(nnx.state(self.frozen_text_qv))["layers"]
-        pure = nnx.to_pure_dict(state)
-        for i, layer in frozen.items():
-            pure["text_model"]["encoder"]["layers"][i]["self_attn"].update(layer)
-        nnx.replace_by_pure_dict(state, pure)
-        return nnx.merge(graphdef, state)
+        """The CLIP whose text tower gives the cost-volume / DCS template embeddings, computing in float32
+        whatever the model's compute dtype (they are computed once per vocabulary): self.clip's arrays,
+        with the pretrained text q/v when the text tower is fine-tuned."""
+        state = nnx.state(self.clip)
+        if hasattr(self, "frozen_text_qv"):
+            frozen = nnx.to_pure_dict(nnx.state(self.frozen_text_qv))["layers"]
+            pure = nnx.to_pure_dict(state)
+            for i, layer in frozen.items():
+                pure["text_model"]["encoder"]["layers"][i]["self_attn"].update(layer)
+            nnx.replace_by_pure_dict(state, pure)
+        return with_compute(nnx.merge(nnx.graphdef(self.clip), state), jnp.float32)
 
     def check_text(self, text_embeds: jax.Array) -> None:
         if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.clip_dim:

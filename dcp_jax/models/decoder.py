@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax.models.alignment import LN_EPS, MLP, attention
+from dcp_jax.models.compute import GroupNorm, LayerNorm, remat_call, remat_name
 
 
 def group_count(channels: int) -> int:
@@ -69,14 +70,16 @@ def shifted_window_bias(size: int, window: int, shift: int) -> np.ndarray:
 class SwinBlock(nnx.Module):
     """Pre-LN window attention (Q/K from concat(LN(x), guidance), V from LN(x)) + MLP, no rel-pos bias."""
 
-    def __init__(self, dim: int, guidance_dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, *, dtype, attention: str = "auto",
+                 rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.attention = attention
+        self.norm1 = LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
         self.q_proj = nnx.Linear(dim + guidance_dim, dim, dtype=dtype, rngs=rngs)
         self.k_proj = nnx.Linear(dim + guidance_dim, dim, dtype=dtype, rngs=rngs)
         self.v_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.out_proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
         self.mlp = MLP(dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, guidance: jax.Array | None, window: int, shift: int) -> jax.Array:
@@ -90,7 +93,7 @@ class SwinBlock(nnx.Module):
             q, k, v = (jnp.roll(t, (-shift, -shift), axis=(1, 2)) for t in (q, k, v))
             bias = jnp.asarray(shifted_window_bias(h, window, shift))
         q, k, v = (window_partition(t, window) for t in (q, k, v))
-        y = window_reverse(attention(q, k, v, self.num_heads, bias), window, h, w)
+        y = window_reverse(attention(q, k, v, self.num_heads, bias, self.attention), window, h, w)
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         x = x + self.out_proj(y)
@@ -100,13 +103,15 @@ class SwinBlock(nnx.Module):
 class SpatialEnhance(nnx.Module):
     """Two Swin blocks, the second shifted by window // 2; guidance LayerNorm'd once (CAT-Seg wrapper)."""
 
-    def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, *, dtype,
+                 attention: str = "auto", remat="none", rngs: nnx.Rngs):
         self.window = window
+        self.remat = remat_name(remat)
         self.guidance_norm = (
-            nnx.LayerNorm(guidance_dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs) if guidance_dim else None
+            LayerNorm(guidance_dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs) if guidance_dim else None
         )
         self.blocks = nnx.List(
-            [SwinBlock(dim, guidance_dim, num_heads, dtype=dtype, rngs=rngs) for _ in range(2)]
+            [SwinBlock(dim, guidance_dim, num_heads, dtype=dtype, attention=attention, rngs=rngs) for _ in range(2)]
         )
 
     def __call__(self, x: jax.Array, guidance: jax.Array | None) -> jax.Array:
@@ -120,8 +125,9 @@ class SpatialEnhance(nnx.Module):
         shift = window // 2 if window < size else 0  # Swin: no shift when one window covers the map
         if guidance is not None:
             guidance = self.guidance_norm(guidance)
-        x = self.blocks[0](x, guidance, window, 0)
-        return self.blocks[1](x, guidance, window, shift)
+        for block, block_shift in zip(self.blocks, (0, shift)):
+            x = remat_call(block, lambda b, x, g, s=block_shift: b(x, g, window, s), self.remat, x, guidance)
+        return x
 
 
 def conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -167,9 +173,9 @@ class DoubleConv(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(in_dim, out_dim, (3, 3), padding=1, use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm1 = nnx.GroupNorm(out_dim, num_groups=group_count(out_dim), epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.norm1 = GroupNorm(out_dim, num_groups=group_count(out_dim), epsilon=LN_EPS, dtype=dtype, rngs=rngs)
         self.conv2 = nnx.Conv(out_dim, out_dim, (3, 3), padding=1, use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.GroupNorm(out_dim, num_groups=group_count(out_dim), epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+        self.norm2 = GroupNorm(out_dim, num_groups=group_count(out_dim), epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         x = jax.nn.relu(self.norm1(conv3x3(self.conv1, x)))
@@ -191,6 +197,8 @@ class DecoderLayer(nnx.Module):
         cfg,
         num_heads: int,
         dtype,
+        attention: str = "auto",
+        remat="none",
         rngs: nnx.Rngs,
     ):
         self.index = index
@@ -208,7 +216,8 @@ class DecoderLayer(nnx.Module):
             if cfg.fuse_attn:
                 self.attn_proj = nnx.Linear(grid * grid, cfg.attn_dim, dtype=dtype, rngs=rngs)
                 guidance_dim += cfg.attn_dim
-            self.enhance = SpatialEnhance(in_dim, guidance_dim, num_heads, cfg.window, dtype=dtype, rngs=rngs)
+            self.enhance = SpatialEnhance(in_dim, guidance_dim, num_heads, cfg.window, dtype=dtype,
+                                          attention=attention, remat=remat, rngs=rngs)
         # Upsampling path.
         up_dim = in_dim // 2
         self.up = nnx.ConvTranspose(in_dim, up_dim, (2, 2), (2, 2), padding="VALID", dtype=dtype, rngs=rngs)
@@ -272,6 +281,8 @@ class SpatialEnhancementDecoder(nnx.Module):
         num_heads: int,
         cfg,
         dtype=jnp.float32,
+        attention: str = "auto",
+        remat="none",
         rngs: nnx.Rngs,
     ):
         if cfg.layers not in (0, 1, 2):
@@ -285,7 +296,7 @@ class SpatialEnhancementDecoder(nnx.Module):
             layers.append(
                 DecoderLayer(
                     i, dim, cfg.dims[i], clip_width=clip_width, grid=grid, num_templates=num_templates, cfg=cfg,
-                    num_heads=num_heads, dtype=dtype, rngs=rngs,
+                    num_heads=num_heads, dtype=dtype, attention=attention, remat=remat, rngs=rngs,
                 )
             )
             dim = cfg.dims[i]

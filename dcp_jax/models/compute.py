@@ -1,0 +1,262 @@
+"""How the model computes, apart from what it computes: the compute dtype, the attention kernels and
+rematerialisation. Every module of the model (CLIP, TGA, the decoder) takes these from here.
+
+- dtype (config.clip.dtype): "auto" is bfloat16 on GPUs and TPUs and float32 on CPU. Parameters and
+  optimizer state stay float32; softmax and normalisation statistics, logits and the loss are float32.
+- attention (config.model.attention): jax.nn.dot_product_attention on accelerators (cuDNN's flash
+  attention on GPUs where it applies), an einsum path on CPU and wherever the probabilities are needed.
+- remat (config.model.remat): a block's activations are recomputed in the backward pass instead of
+  being kept, per CLIP block, TGA block and Swin block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(name: str, backend: str | None = None):
+    """config.clip.dtype -> a jnp dtype: "auto" is bfloat16 on gpu/tpu, float32 on cpu."""
+    if name not in DTYPES:
+        raise ValueError(f"config.clip.dtype={name!r}: expected one of {DTYPES}")
+    if name == "auto":
+        backend = jax.default_backend() if backend is None else backend
+        return jnp.dtype(jnp.bfloat16 if backend in ("gpu", "tpu") else jnp.float32)
+    return jnp.dtype(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+# XLA:CPU writes the whole [..., h, Lq, Lk] score tensor to memory before the softmax. The decoder's window
+# attention (B/16 @384, 16 slots: 340 MB of scores) and TGA's spatial attention (85 MB) ran about 2x faster
+# here in chunks whose scores stay in cache; GPUs and TPUs keep one batched op.
+CPU_SCORE_CHUNK_BYTES = 8 << 20
+
+
+def chunks_attention() -> bool:
+    """Whether attention traced now may run in chunks (the CPU backend)."""
+    return jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def attention_in_one_op():
+    """Inside, attention is traced as one batched op on every backend. For FLOP counts: XLA's cost
+    analysis counts a loop body once, so it would miss most of the chunked attention's FLOPs.
+    JAX's caches are cleared on entry and exit, so jitted functions trace again under the setting."""
+    global CPU_SCORE_CHUNK_BYTES
+    saved, CPU_SCORE_CHUNK_BYTES = CPU_SCORE_CHUNK_BYTES, 1 << 62
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        CPU_SCORE_CHUNK_BYTES = saved
+        jax.clear_caches()
+
+
+# How attention is computed (config.model.attention): "auto" picks per backend (see multi_head_attention);
+# "xla" / "cudnn" force jax.nn.dot_product_attention's implementation; "reference" is the einsum + softmax
+# path below, the only one that returns the probabilities.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
+
+
+def multi_head_attention(q, k, v, *, bias=None, mask=None, impl: str = "auto", return_probs: bool = False):
+    """Scaled dot-product attention over split heads: q [..., Lq, h, d], k [..., Lk, h, d], v [..., Lk, h, dv]
+    -> (out [..., Lq, h, dv], float32 probabilities [..., h, Lq, Lk] if `return_probs` else None). `bias`
+    (added to the float32 scores) and `mask` (bool, True = attend) broadcast to [..., h, Lq, Lk].
+
+    `impl` "auto": on GPUs and TPUs `jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU
+    for bfloat16/float16 inputs whose shapes cuDNN takes (it raises at trace time otherwise, and XLA's
+    implementation runs instead), XLA's elsewhere; neither keeps the [..., h, Lq, Lk] probabilities for
+    the backward pass when cuDNN runs. On CPU the reference path: XLA's implementation of
+    jax.nn.dot_product_attention measured 1.6-3x slower there (its heads sit between the token and
+    feature axes; B/16 @384 forward 40 vs 19-22 ms per layer). `return_probs` always takes the reference
+    path (the last CLIP block's attention map feeds the decoder).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"config.model.attention={impl!r}: expected one of {ATTENTION_IMPLS}")
+    if return_probs or impl == "reference" or (impl == "auto" and jax.default_backend() == "cpu"):
+        out, probs = reference_attention(q, k, v, bias=bias, mask=mask)
+        return out, probs if return_probs else None
+    return _fused_attention(q, k, v, bias, mask, impl), None
+
+
+def _fused_attention(q, k, v, bias, mask, impl):
+    """jax.nn.dot_product_attention over the leading axes flattened into one batch axis."""
+    lead = q.shape[:-3]
+    n = math.prod(lead)
+    q4, k4, v4 = (t.reshape(n, *t.shape[-3:]) for t in (q, k, v))
+    bias4, mask4 = (_as_bnts(a, lead) for a in (bias, mask))
+    out = None
+    if impl == "cudnn" or (impl == "auto" and jax.default_backend() == "gpu"
+                           and q.dtype in (jnp.bfloat16, jnp.float16)):
+        try:
+            out = jax.nn.dot_product_attention(q4, k4, v4.astype(q4.dtype), bias=bias4, mask=mask4,
+                                               implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            if impl == "cudnn":
+                raise
+    if out is None:
+        out = jax.nn.dot_product_attention(q4, k4, v4.astype(q4.dtype), bias=bias4, mask=mask4,
+                                           implementation="xla")
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _as_bnts(a, lead):
+    """A bias / mask broadcastable to [*lead, h, Lq, Lk] -> 4-D [B or 1, h or 1, Lq, Lk] over the
+    flattened leading axes (jax.nn.dot_product_attention's layout)."""
+    if a is None:
+        return None
+    a = jnp.asarray(a)
+    a = a.reshape((1,) * (len(lead) + 3 - a.ndim) + a.shape)
+    head = a.shape[:len(lead)]
+    if all(s == 1 for s in head):
+        return a.reshape(1, *a.shape[len(lead):])
+    return jnp.broadcast_to(a, (*lead, *a.shape[len(lead):])).reshape(math.prod(lead), *a.shape[len(lead):])
+
+
+def reference_attention(q, k, v, *, bias=None, mask=None):
+    """multi_head_attention as einsums and a float32 softmax: (out, probabilities [..., h, Lq, Lk]).
+
+    The heads move in front of the token axes before the two matmuls: on XLA's CPU backend the batched
+    matmuls with the heads between the token and feature axes ran 2-3x slower (B/16 @384: 32 -> 11 ms per
+    layer; the decoder's window attention 0.23 -> 0.10 s). On CPU, a large batch is computed in chunks of
+    the leading axes (CPU_SCORE_CHUNK_BYTES), with the same result up to float32 rounding.
+    """
+    lead, (lq, h, _), lk = q.shape[:-3], q.shape[-3:], k.shape[-3]
+    extra = [a for a in (bias, mask) if a is not None]
+    per_item = h * lq * lk * 4  # float32 score bytes of one index of the leading axes
+    if chunks_attention() and lead and math.prod(lead) * per_item > CPU_SCORE_CHUNK_BYTES:
+        if all(jnp.ndim(a) <= 3 for a in extra):
+            # bias / mask do not vary over the leading axes: chunk them all, flattened
+            flat = lambda t: t.reshape(-1, *t.shape[len(lead):])  # noqa: E731
+            out, probs = _chunked_attention(flat(q), flat(k), flat(v), bias, mask, per_item)
+            return out.reshape(*lead, *out.shape[1:]), probs.reshape(*lead, *probs.shape[1:])
+        if lead[0] > 1:
+            return _chunked_attention(q, k, v, bias, mask, per_item * math.prod(lead[1:]), leading=len(lead))
+    return _attention(q, k, v, bias, mask)
+
+
+def _chunked_attention(q, k, v, bias, mask, per_item, leading=1):
+    """`_attention` mapped over axis 0 of q, k, v, in batches of about CPU_SCORE_CHUNK_BYTES of scores.
+    bias / mask: mapped along when they have that axis at full size, else the same for every chunk."""
+    n = q.shape[0]
+    mapped = lambda a: a is not None and jnp.ndim(a) == leading + 3 and a.shape[0] == n  # noqa: E731
+    drop = lambda a: a[0] if a is not None and jnp.ndim(a) == leading + 3 else a  # noqa: E731  (size-1 axis 0)
+    xs = (q, k, v, bias if mapped(bias) else None, mask if mapped(mask) else None)
+    shared_bias, shared_mask = (None if mapped(a) else drop(a) for a in (bias, mask))
+
+    def one(item):
+        qi, ki, vi, bi, mi = item
+        return _attention(qi, ki, vi, shared_bias if bi is None else bi, shared_mask if mi is None else mi)
+
+    return jax.lax.map(one, xs, batch_size=max(1, CPU_SCORE_CHUNK_BYTES // per_item))
+
+
+def _attention(q, k, v, bias, mask):
+    qh, kh, vh = (jnp.swapaxes(t, -2, -3) for t in (q, k, v))  # [..., h, L, d]
+    scores = jnp.einsum("...qd,...kd->...qk", qh, kh, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = softmax_saved_as(scores, v.dtype)
+    out = jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), vh)
+    return jnp.swapaxes(out, -2, -3), probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_saved_as(scores, dtype):
+    """jax.nn.softmax over the last axis (float32), keeping its output for the backward pass in `dtype`:
+    with bfloat16 compute, the [..., h, Lq, Lk] probabilities are the largest activation a step saves,
+    and float32 would double them. The gradient is computed in float32 from the rounded probabilities
+    (relative error 2^-9, like the bfloat16 matmul that consumes them)."""
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _softmax_fwd(scores, dtype):
+    probs = jax.nn.softmax(scores, axis=-1)
+    return probs, probs.astype(dtype)
+
+
+def _softmax_bwd(dtype, saved, g):
+    probs = saved.astype(jnp.float32)
+    return (probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)),)
+
+
+softmax_saved_as.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------
+
+def _narrow(dtype) -> bool:
+    return dtype is not None and jnp.dtype(dtype).itemsize < 4
+
+
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm that, computing in bfloat16, keeps only its input for the backward pass: its float32
+    internals (x^2, x - mean, the normalised x: three float32 copies of every normalised activation, the
+    largest float32 residuals of a bfloat16 step) are recomputed, an elementwise pass. float32 as nnx's."""
+
+    def __call__(self, x, *, mask=None):
+        if not _narrow(self.dtype):
+            return super().__call__(x, mask=mask)
+        return jax.checkpoint(lambda x: super(LayerNorm, self).__call__(x, mask=mask))(x)
+
+
+class GroupNorm(nnx.GroupNorm):
+    """nnx.GroupNorm with LayerNorm's bfloat16 rule: only the input is kept for the backward pass."""
+
+    def __call__(self, x, *, mask=None):
+        if not _narrow(self.dtype):
+            return super().__call__(x, mask=mask)
+        return jax.checkpoint(lambda x: super(GroupNorm, self).__call__(x, mask=mask))(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rematerialisation
+# --------------------------------------------------------------------------------------------------
+
+# config.model.remat (a string, so that the command line takes every value): what a rematerialised block
+# keeps for the backward pass. "full" (or "true") keeps only its input and recomputes everything inside;
+# "dots" also keeps the outputs of its weight matmuls (no batch dimensions: the projections, not the
+# attention scores); "none" (or "false") keeps everything.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_name(value) -> str:
+    """config.model.remat (a policy name, "true" / "false", or a bool) -> a key of REMAT_POLICIES."""
+    name = str(value or "none").lower()
+    name = {"true": "full", "false": "none"}.get(name, name)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat={value!r}: expected true/false or one of {tuple(REMAT_POLICIES)}")
+    return name
+
+
+def maybe_remat(fn, remat: str, *, static_argnums=(), in_scan: bool = False):
+    """`fn` (a pure function of arrays) wrapped in jax.checkpoint with the named policy; "none" returns
+    `fn` itself. Inside a scan, CSE cannot undo the recomputation, so prevent_cse is off there."""
+    if remat_name(remat) == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat_name(remat)], prevent_cse=not in_scan,
+                          static_argnums=static_argnums)
+
+
+def remat_call(module: nnx.Module, fn, remat, *args):
+    """fn(module, *args) with the activations inside rematerialised per `remat` (args: arrays or None;
+    close Python values such as window sizes over in `fn`)."""
+    if remat_name(remat) == "none":
+        return fn(module, *args)
+    graphdef, params = nnx.split(module)
+    return maybe_remat(lambda params, *a: fn(nnx.merge(graphdef, params), *a), remat)(params, *args)

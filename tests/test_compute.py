@@ -1,0 +1,210 @@
+"""How the model computes (dcp_jax/models/compute.py), on the real small model: each way of computing
+gives today's numbers (forward and gradients), and each does what it is for.
+
+- attention through jax.nn.dot_product_attention ("xla") == the einsum reference path;
+- rematerialisation ("full", "dots") == none, and keeps fewer activations;
+- the CLIP blocks as one scanned block == the layer loop, and compile one block;
+- bfloat16 compute: saves bfloat16 activations, trains like float32 (losses within stated tolerances
+  over 100 steps of the real train step) and labels >= 99 % of pixels as float32 does.
+"""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dcp_jax import distributed, optim, train
+from dcp_jax import loss as loss_lib
+from dcp_jax.configs import tiny
+from dcp_jax.models import build, compute, dcp
+from test_model_dcp import images, make_model, small_config, unit_text
+
+NUM_CLASSES = 6
+# The reference way of computing: the einsum attention, the CLIP blocks scanned, no remat, float32.
+REFERENCE = {"model.attention": "reference", "clip.scan_layers": True, "model.remat": "none"}
+VARIANTS = {
+    "attention_xla": {"model.attention": "xla"},
+    "remat_full": {"model.remat": "full"},
+    "remat_dots": {"model.remat": "dots"},
+    "layer_loop": {"clip.scan_layers": False},
+}
+
+
+def _labels():
+    labels = np.full((2, 64, 64), -1, np.int32)
+    labels[:, :32] = 2
+    labels[:, 32:, 40:] = 5
+    labels[1, 40:, :20] = 0
+    return labels
+
+
+def _split(config, model):
+    """(loss of the trained params, those params): the train step's loss on a fixed batch."""
+    graphdef, params, rest = nnx.split(model, optim.trainable(config), ...)
+    imgs, text, labels = jnp.asarray(images(2, seed=4)), jnp.asarray(unit_text(NUM_CLASSES, 1, 16, seed=3)), _labels()
+
+    def loss(params):
+        out = nnx.merge(graphdef, params, rest)(imgs, text, num_slots=4, train=True,
+                                                gt_present=loss_lib.gt_presence(labels, NUM_CLASSES))
+        return loss_lib.dcp_loss(out, labels)[0]
+
+    return loss, params
+
+
+def _run(overrides):
+    """Forward outputs (image tower, text tower, logits) and the loss gradients of the small model."""
+    config = small_config(**{**REFERENCE, **overrides})
+    model = make_model(config)
+    loss, params = _split(config, model)
+    ids = np.array([[49406, 5, 7, 49407, 0, 0], [49406, 9, 49407, 0, 0, 0]], np.int32) % 600
+    mask = (np.arange(6)[None] < np.array([[4], [3]])).astype(np.int32)
+    text = jnp.asarray(unit_text(NUM_CLASSES, 1, 16, seed=3))
+
+    @nnx.jit
+    def forward(model, imgs):
+        embeds, aux = model.clip.encode_image(model.preprocess(imgs), layers=(0, 1))
+        out = model(imgs, text, num_slots=4, seen=jnp.zeros(NUM_CLASSES, bool))
+        return {"embeds": embeds, "aux": aux, "logits": out["logits"], "text": model.clip.get_text_features(ids, mask)}
+
+    with jax.default_matmul_precision("highest"):
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        return {**forward(model, jnp.asarray(images(2, seed=4))), "loss": value,
+                "grads": nnx.to_pure_dict(grads)}, (loss, params)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _run({})
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_way_of_computing_gives_the_reference_numbers(reference, name, monkeypatch):
+    calls = []
+    if name == "attention_xla":  # the variant really runs through jax.nn.dot_product_attention
+        real = jax.nn.dot_product_attention
+        monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got, _ = _run(VARIANTS[name])
+    flat_ref, flat_got = jax.tree.leaves_with_path(reference[0]), jax.tree.leaves(got)
+    assert len(flat_ref) == len(flat_got) > 50
+    # float32 with the highest matmul precision: only the summation order differs.
+    for (path, a), b in zip(flat_ref, flat_got):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+    if name == "attention_xla":
+        # Call sites as traced: the image tower's scanned block 1 (its last block keeps the reference path: its
+        # probabilities are used), TGA cross + self attention 2, 2 decoder layers x 2 Swin blocks 4: 7 per
+        # model call. The loss: 7; the forward: encode_image 1 + the model 7 + the text tower's scanned block 1.
+        assert len(calls) == 7 + 9 and all(k["implementation"] == "xla" for k in calls)
+
+
+def _saved_bytes(loss, params) -> collections.Counter:
+    """Bytes of the activations the backward pass keeps, by dtype (the residuals of jax.vjp)."""
+    counts = collections.Counter()
+    for leaf in jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss, p)[1]), params):
+        counts[jnp.dtype(leaf.dtype).name] += leaf.size * jnp.dtype(leaf.dtype).itemsize
+    return counts
+
+
+def test_remat_and_bfloat16_keep_fewer_and_narrower_activations(reference):
+    base = _saved_bytes(*reference[1])
+    total = lambda c: sum(c.values())  # noqa: E731
+    kept = {name: _saved_bytes(*_run_abstract(overrides))
+            for name, overrides in {"full": {"model.remat": "full"}, "dots": {"model.remat": "dots"},
+                                    "bf16": {"clip.dtype": "bfloat16"},
+                                    "bf16_full": {"clip.dtype": "bfloat16", "model.remat": "full"}}.items()}
+    # measured here: none 19.1 MB, full 6.8 MB, dots 10.0 MB (every block but the decoder's convolutions)
+    assert total(kept["full"]) < 0.45 * total(base) and total(kept["dots"]) < 0.65 * total(base)
+    assert total(kept["full"]) < total(kept["dots"])
+    # bfloat16: what is kept is bfloat16 but for the float32 loss on the logits (4 slots x 64x64 x 2
+    # images, a few float32 maps: measured 0.94 MB of 9.0 MB); with remat, under 3.4 MB in all.
+    assert kept["bf16"]["float32"] < 0.12 * total(kept["bf16"]) and total(kept["bf16"]) < 0.5 * total(base)
+    assert total(kept["bf16_full"]) < 0.2 * total(base)
+
+
+def _run_abstract(overrides):
+    config = small_config(**{**REFERENCE, **overrides})
+    return _split(config, make_model(config))
+
+
+def test_scanned_blocks_compile_one_block():
+    """With clip.scan_layers the CLIP towers are scans (one block each in the program), not a block per layer."""
+    def scans_and_dots(scan_layers):
+        config = tiny.get_config()  # TINY_CLIP: 4 image blocks, 2 text blocks
+        config.clip.scan_layers = scan_layers
+        model = make_model(config)
+        ids = jnp.ones((2, 5), jnp.int32)
+        jaxpr = str(jax.make_jaxpr(lambda x: (model.clip.encode_image(model.preprocess(x), layers=(0,)),
+                                              model.clip.get_text_features(ids)))(images(1)))
+        return jaxpr.count("scan["), jaxpr.count("dot_general[")
+
+    (scans, dots), (loop_scans, loop_dots) = scans_and_dots(True), scans_and_dots(False)
+    assert scans == 2 and loop_scans == 0
+    # A block traces 6 matmuls + 2 attention einsums: the image tower's blocks 0-2 (its last block apart: it
+    # keeps its probabilities) and the text tower's 2 blocks, each traced once instead of 3 and 2 times
+    assert loop_dots - dots == (2 + 1) * 8
+
+
+def test_compute_settings_resolve_and_reject_typos():
+    assert compute.resolve_dtype("auto", "cpu") == jnp.float32
+    assert compute.resolve_dtype("auto", "gpu") == compute.resolve_dtype("auto", "tpu") == jnp.bfloat16
+    assert compute.resolve_dtype("float32", "gpu") == jnp.float32
+    assert [compute.remat_name(v) for v in (True, False, "true", "FALSE", "dots", "", None)] == \
+        ["full", "none", "full", "none", "dots", "none", "none"]
+    for key, value, choices in [("clip.dtype", "bf16", "bfloat16"), ("model.remat", "partial", "dots"),
+                                ("model.attention", "flash", "cudnn")]:
+        with pytest.raises(ValueError, match=rf"config\.{key}='{value}': expected .*{choices}"):
+            build.create_model(small_config(**{key: value}))
+
+
+# -------------------------------------------------------------------------------------------- bfloat16
+BF16_STEPS = 100
+
+
+def _train(dtype: str):
+    """BF16_STEPS real train steps (train.make_train_step) of the small model on one fixed batch, from the
+    same initial weights -> (losses, the trained model's labels on the batch's images)."""
+    config = small_config(**{"clip.dtype": dtype, "optim.lr": 1e-3, "train.batch_size": 2})
+    model = make_model(config)
+    optimizer = optim.make_optimizer(config, model)
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = distributed.tree_shardings(state, distributed.make_mesh(devices=jax.devices()[:1]), config.mesh)
+    step = train.make_train_step(config, graphdef, shardings, NUM_CLASSES)
+    batch = {"image": jnp.asarray(images(2, seed=4), jnp.uint8), "label": jnp.asarray(_labels())}
+    text = jnp.asarray(unit_text(NUM_CLASSES, dcp.num_templates(config), 16, seed=3))
+    losses = []
+    state = jax.device_put(state, shardings)
+    for _ in range(BF16_STEPS):
+        state, metrics = step(state, batch, text, None)
+        losses.append(float(metrics["loss"]))
+    model, _ = nnx.merge(graphdef, state)
+    return np.array(losses), model, (batch["image"], text)
+
+
+def _labels_of(model, images, text):
+    """Per-pixel classes of the model's inference forward (all classes decoded)."""
+    out = nnx.jit(lambda m, x: m(x, text, num_slots=0))(model, images)
+    logits = jnp.where(out["slot_valid"][:, :, None, None], out["logits"], -jnp.inf)
+    best = jnp.argmax(logits, axis=1)  # slot index -> class index
+    return np.asarray(jnp.take_along_axis(out["slot_class"], best.reshape(len(best), -1), axis=1).reshape(best.shape))
+
+
+def test_bfloat16_training_tracks_float32():
+    loss32, model32, inputs = _train("float32")
+    loss16, model16_trained, _ = _train("bfloat16")
+    assert loss32[-1] < 0.5 * loss32[0]  # it learns the batch
+    # Tolerances. bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 per value): over the first 20 steps
+    # the losses differ by under 2 % (measured here: at most 0.5 %). Later, where the loss falls steeply,
+    # the two runs reach each drop a step or two apart (measured here: differences up to 11 % over 100
+    # steps, 10 % at the end): 20 % bounds every step.
+    np.testing.assert_allclose(loss16[:20], loss32[:20], rtol=0.02)
+    np.testing.assert_allclose(loss16, loss32, rtol=0.2)
+    # Inference in bfloat16 with the float32-trained weights labels the images as float32 does on >= 99 % of
+    # pixels (the issue's bar; measured here: 100 %); the bfloat16-trained model on >= 98 % (measured 99.5 %).
+    model16 = nnx.merge(nnx.graphdef(build.abstract_model(small_config(**{"clip.dtype": "bfloat16"}),
+                                                          model32.clip.config)), nnx.state(model32))
+    assert model16.clip.dtype == jnp.bfloat16
+    labels32 = _labels_of(model32, *inputs)
+    assert (_labels_of(model16, *inputs) == labels32).mean() >= 0.99
+    assert (_labels_of(model16_trained, *inputs) == labels32).mean() >= 0.98
