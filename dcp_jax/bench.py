@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax import cli, distributed, files, forward, inference, runtime
+from dcp_jax import config as config_lib
 from dcp_jax.models import build, compute, dcp, selection
 from dcp_jax.models.summary import count_params
 
@@ -118,12 +119,12 @@ class Bench:
 
     def gflops(self, text: jax.Array, slots: int, stages=None) -> tuple[float, float]:
         """(CLIP, head) GFLOPs of the two compiled stages at K = slots, counted on the programs with
-        attention in one op (compute.attention_in_one_op: the cost analysis counts a loop once); `stages`:
+        loops unrolled (compute.for_cost_analysis: the cost analysis counts a loop once); `stages`:
         the arguments from `stages(text, slots)`, if at hand."""
         (one, args_one), (two, args_two) = stages or self.stages(text, slots)
-        if not compute.chunks_attention():  # the programs at hand already hold attention as one op
+        if not has_loops(self.model):  # the programs at hand are the ones to count
             return _compiled_stats(one)[0], _compiled_stats(two)[0]
-        with compute.attention_in_one_op():
+        with compute.for_cost_analysis():
             one = forward.encode_select.lower(self.graphdef, *args_one, views_per_image=self.views_per_image,
                                               max_slots=text.shape[0]).compile()
             two = forward.decode.lower(self.graphdef, *args_two, views_per_image=self.views_per_image,
@@ -174,6 +175,12 @@ def measured_selection(workdir, config, spec: str, thetas, images: int) -> tuple
     return list(ds.class_names), counts
 
 
+def has_loops(model) -> bool:
+    """Whether the model's programs hold loops that XLA's cost analysis would count once: attention in
+    CPU chunks, the scanned CLIP blocks."""
+    return compute.chunks_attention() or model.clip.vision_model.encoder.scan_layers
+
+
 def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     """One training step at batch 1 with K slots on a C-class vocabulary: time, GFLOPs, memory."""
     from dcp_jax import optim, train
@@ -194,8 +201,8 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     compiled = step.lower(state, batch, text, None).compile()
     gflops, memory = _compiled_stats(compiled)
-    if compute.chunks_attention():
-        with compute.attention_in_one_op():  # the FLOPs of the same step with attention as one op (Bench.gflops)
+    if has_loops(model):
+        with compute.for_cost_analysis():  # the FLOPs of the same step without loops (Bench.gflops)
             gflops = _compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
                                      .lower(state, batch, text, None).compile())[0]
     result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,
@@ -270,10 +277,29 @@ def main(argv=None) -> int:
                          flag_values=f)
     flags.DEFINE_bool("torch", False, "also time the PyTorch reference on the same inputs", flag_values=f)
     flags.DEFINE_integer("threads", 0, "torch threads for --torch (0 = os.cpu_count())", flag_values=f)
-    flags.DEFINE_string("out", None, "output directory for bench.json and bench.md", flag_values=f)
+    flags.DEFINE_string("out", None, "output directory for bench.json and bench.md (accelerator.json and "
+                        "accelerator.md with --suite accelerator)", flag_values=f)
+    flags.DEFINE_enum("suite", "tables", ["tables", "accelerator"], "tables: the rows above; accelerator: "
+                      "the accelerator check (dcp_jax/accelerator.py)", flag_values=f)
+    flags.DEFINE_string("large-config", config_lib.config_file("dcp_vitl14_coco_stuff"),
+                        "--suite accelerator: the config of its L/14 cases", flag_values=f)
+    flags.DEFINE_string("only", "", "--suite accelerator: only the cases whose name contains this", flag_values=f)
     cmd.required("out")
     args = cmd.parse()
+    if args.suite == "accelerator":
+        return cmd.run(lambda: run_accelerator_suite(cmd, args))
     return cmd.run(lambda: run(cmd, args))
+
+
+def run_accelerator_suite(cmd, args) -> None:
+    from dcp_jax import accelerator
+
+    config = cmd.config()
+    runtime.start(config)
+    large = accelerator.load_config(args["large-config"].value, args["config"].override_values)
+    rows, header = accelerator.run_suite(config, large, Path(args.out), runs=args.runs, only=args.only)
+    print(accelerator.format_markdown(rows, header))
+    print(f"[dcp_jax] {runtime.format_compile_stats()}", file=sys.stderr)
 
 
 def run(cmd, args) -> None:

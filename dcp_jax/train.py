@@ -296,6 +296,9 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
         summary["step"] = step
         if not summary.get("stopped_early"):
             summary["eval"] = evaluate(config.total_steps, final=True)
+        # What this process compiled: a restarted run reads its train step from the persistent cache.
+        summary["compile"] = runtime.compile_stats()
+        _say(f"compiled: {runtime.format_compile_stats(summary['compile'])}")
     finally:
         progress.close()
         checkpointer.wait()

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from dcp_jax import bench
 
 
@@ -22,27 +24,116 @@ def test_bench_rows_and_selection_saves_head_flops(tmp_path, capsys):
     assert "| 40 | 0.5 | 5.0 | 8 |" in table
 
 
-def test_flops_count_chunked_attention_in_full(monkeypatch):
-    """XLA's cost analysis counts a loop body once: the bench counts FLOPs on the programs with attention
-    as one op, so CPU chunking (compute.CPU_SCORE_CHUNK_BYTES) does not hide FLOPs."""
+def test_flops_count_chunked_attention_and_scanned_blocks_in_full(monkeypatch):
+    """XLA's cost analysis counts a loop body once: the bench counts FLOPs on the programs traced with
+    every loop unrolled (compute.for_cost_analysis), so neither CPU chunking (compute.CPU_SCORE_CHUNK_BYTES)
+    nor the scanned CLIP blocks (clip.scan_layers) hide FLOPs."""
     import jax
     import jax.numpy as jnp
-    import pytest
 
     from dcp_jax.configs import tiny
     from dcp_jax.models import build, compute, dcp
 
     config = tiny.get_config()
-    model = build.create_model(config)
-    runner = bench.Bench(config, model, mode="whole")
-    text = jnp.asarray(bench.random_text(12, dcp.num_templates(config), model.clip_dim))
+    text = jnp.asarray(bench.random_text(12, dcp.num_templates(config), 32))
+    config.clip.scan_layers = False
     monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1 << 62)
     jax.clear_caches()
-    (one, _), (two, _) = runner.stages(text, 8)
-    plain = bench._compiled_stats(one)[0], bench._compiled_stats(two)[0]
+    (one, _), (two, _) = bench.Bench(config, build.create_model(config), mode="whole").stages(text, 8)
+    plain = bench._compiled_stats(one)[0], bench._compiled_stats(two)[0]  # no loop in either program
+    config.clip.scan_layers = True
+    runner = bench.Bench(config, build.create_model(config), mode="whole")
     monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1)  # every attention call in chunks
     jax.clear_caches()
     stages = runner.stages(text, 8)
-    assert bench._compiled_stats(stages[1][0])[0] < 0.99 * plain[1]  # what the analysis alone would say
+    # what the analysis alone would say
+    assert all(bench._compiled_stats(stages[i][0])[0] < 0.99 * plain[i] for i in (0, 1))
     assert runner.gflops(text, 8, stages) == pytest.approx(plain, rel=1e-9)
+    assert not compute.unroll_scans()
     assert compute.CPU_SCORE_CHUNK_BYTES == 1  # restored
+
+
+def test_accelerator_check_runs_every_case_with_the_tiny_config(tmp_path):
+    """`--suite accelerator` on CPU with configs/tiny.py for both models: every case runs, in one
+    subprocess on one device as a user would start it (the README promises under 3 minutes here)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from dcp_jax import accelerator
+
+    tiny = os.path.join("configs", "tiny.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dcp_jax.bench", "--suite", "accelerator", "--config", tiny,
+                           "--large-config", tiny, "--runs", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "accelerator.json").read_text())
+    rows = {r["case"]: r for r in report["rows"]}
+    assert len(rows) == len(accelerator.CASES) - 1  # the two slide cases share the name "tiny slide ..."
+    assert report["header"]["peak_bf16_tflops"] is None and "no MFU" in proc.stdout
+    for r in report["rows"]:
+        assert r["compile_s"] > 0 and r["step_ms"] > 0 and r["gflops"] > 0 and r["plan_gib"] > 0, r
+        assert r["mfu"] is None and abs(r["tflops_per_s"] - r["gflops"] / r["step_ms"]) < 1e-9
+    b4, b16 = rows["tiny train K=32 batch 4 bf16"], rows["tiny train K=32 batch 16 bf16"]
+    assert b16["gflops"] == pytest.approx(4 * b4["gflops"], rel=0.05)  # FLOPs scale with the batch
+    assert rows["tiny train K=32 batch 4 f32"]["gflops"] == pytest.approx(b4["gflops"], rel=0.05)
+    assert b16["images_per_s"] == pytest.approx(16 / (b16["step_ms"] / 1e3))
+    print(f"accelerator check with the tiny config: {seconds:.0f} s")
+
+
+def test_device_peaks_are_named():
+    from dcp_jax import accelerator
+
+    assert accelerator.device_peak_tflops("NVIDIA H200") == accelerator.device_peak_tflops("NVIDIA H100 80GB HBM3")
+    assert accelerator.device_peak_tflops("TPU v5 lite") == 197.0
+    assert accelerator.device_peak_tflops("NVIDIA L4") == 121.0 and accelerator.device_peak_tflops("NVIDIA L40S") == 362.0
+    assert accelerator.device_peak_tflops("cpu") is None
+
+
+def test_launch_script_installs_carried_wheels_aside_and_runs_the_check(tmp_path):
+    """launch/accelerator_check.sh: wheels from a folder go to a private --target folder (found through
+    PYTHONPATH, not installed into the environment), then the check runs and writes its table."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "dcp_probe-1.0-py3-none-any.whl", "w") as whl:  # a minimal pure wheel
+        whl.writestr("dcp_probe/__init__.py", "CARRIED = True\n")
+        whl.writestr("dcp_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: dcp-probe\nVersion: 1.0\n")
+        whl.writestr("dcp_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                     "Tag: py3-none-any\n")
+        whl.writestr("dcp_probe-1.0.dist-info/RECORD", "")
+    # python3 on PATH is this interpreter; the probe import proves the script's PYTHONPATH reaches the wheels
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    sitecustomize = tmp_path / "hook"
+    sitecustomize.mkdir()
+    probes = tmp_path / "probes.txt"  # a line per interpreter started once the script set PYTHONPATH
+    (sitecustomize / "sitecustomize.py").write_text(
+        "import os\nif 'dcp_jax_site' in os.environ.get('PYTHONPATH', ''):\n"
+        "    try:\n        import dcp_probe\n        found = 'carried' if dcp_probe.CARRIED else 'wrong'\n"
+        "    except ImportError:\n        found = 'missing'\n"
+        f"    open({str(probes)!r}, 'a').write(found + '\\n')\n")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(sitecustomize),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    tiny = str(repo / "configs" / "tiny.py")
+    proc = subprocess.run([str(repo / "launch" / "accelerator_check.sh"), str(wheels), str(tmp_path / "out"),
+                           "--config", tiny, "--large-config", tiny, "--runs", "1", "--only", "slide"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    table = (tmp_path / "out" / "accelerator.md").read_text()
+    assert "| tiny slide inference 16 classes |" in table and table in (tmp_path / "out" / "log.txt").read_text()
+    assert probes.read_text().split() == ["carried", "carried"]  # the jax line and the bench
+    check = subprocess.run([sys.executable, "-c", "import dcp_probe"], capture_output=True, env=dict(os.environ))
+    assert check.returncode != 0  # nothing was installed into the environment itself

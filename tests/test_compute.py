@@ -208,3 +208,23 @@ def test_bfloat16_training_tracks_float32():
     labels32 = _labels_of(model32, *inputs)
     assert (_labels_of(model16, *inputs) == labels32).mean() >= 0.99
     assert (_labels_of(model16_trained, *inputs) == labels32).mean() >= 0.98
+
+
+def test_accelerator_init_on_the_host_gives_the_values_of_init_on_the_mesh():
+    """build.init_module computes a GPU/TPU model's random weights on the host CPU and places them (its
+    compile takes seconds there, minutes on a GPU): the same values, in the same shardings, as on the mesh."""
+    config = small_config(**{"mesh.fsdp": 4, "mesh.min_shard_size": 0})
+    abstract = build.abstract_model(config)
+    mesh = distributed.make_mesh(4)
+    shardings = distributed.tree_shardings(nnx.state(abstract), mesh, config.mesh)
+
+    def init():
+        return nnx.state(dcp.DCPCLIP(config, abstract.clip.config, rngs=nnx.Rngs(3)))
+
+    on_mesh = build._initialise(init, shardings, "cpu")
+    via_host = build._initialise(init, shardings, "gpu")  # the accelerator path, on CPU devices
+    pairs = list(zip(jax.tree.leaves(on_mesh), jax.tree.leaves(via_host)))
+    assert len(pairs) > 100 and any(not a.sharding.is_fully_replicated for a, _ in pairs)
+    for a, b in pairs:
+        assert b.sharding == a.sharding
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -199,6 +200,25 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     assert "SIGTERM" in err
     steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()
     assert len(steps) == 1 and steps[0] >= 1
+
+
+def test_a_second_run_reads_its_programs_from_the_compilation_cache(data_dir, tmp_path):
+    """runtime.start switches the persistent cache on before anything compiles: a restarted run (here: the
+    same tiny training in a second workdir) loads its programs, the train step included, instead of compiling."""
+    env = _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    stats = []
+    for run in ("first", "second"):
+        proc = subprocess.run(_train_cmd(tmp_path / run, data_dir, "--config.total_steps=1"), env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = re.search(r"compiled: (\d+) programs built in ([\d.]+) s; persistent cache: (\d+) hits, (\d+) misses",
+                          proc.stderr)
+        assert found, proc.stderr[-3000:]
+        stats.append(dict(zip(("programs", "seconds", "hits", "misses"), map(float, found.groups()))))
+    first, second = stats
+    assert first["hits"] == 0 and first["misses"] >= 5
+    assert second["hits"] >= first["misses"] - 2 and second["misses"] <= 2
+    assert second["seconds"] < 0.5 * first["seconds"]
 
 
 def _free_port():

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax.models import clip_convert
-from dcp_jax.models.compute import LayerNorm, maybe_remat, multi_head_attention, remat_name
+from dcp_jax.models.compute import LayerNorm, maybe_remat, multi_head_attention, remat_name, unroll_scans
 
 # --------------------------------------------------------------------------------------------------
 # Configs (HF field names and HF 5.x defaults, so a partial config.json reads like transformers reads it)
@@ -251,7 +251,7 @@ class CLIPEncoder(nnx.Module):
                 x = body(x, p)
                 return x, x if collect else None
 
-            return jax.lax.scan(step, x, jax.tree.map(lambda *ps: jnp.stack(ps), *params))
+            return jax.lax.scan(step, x, jax.tree.map(lambda *ps: jnp.stack(ps), *params), unroll=unroll_scans())
         body = maybe_remat(block, self.remat)
         hidden = []
         for p in params:

@@ -42,23 +42,32 @@ def resolve_dtype(name: str, backend: str | None = None):
 CPU_SCORE_CHUNK_BYTES = 8 << 20
 
 
+_UNROLL_SCANS = False  # True inside for_cost_analysis()
+
+
 def chunks_attention() -> bool:
     """Whether attention traced now may run in chunks (the CPU backend)."""
     return jax.default_backend() == "cpu"
 
 
+def unroll_scans() -> bool:
+    """Whether the CLIP blocks' scan traced now is unrolled (inside for_cost_analysis)."""
+    return _UNROLL_SCANS
+
+
 @contextlib.contextmanager
-def attention_in_one_op():
-    """Inside, attention is traced as one batched op on every backend. For FLOP counts: XLA's cost
-    analysis counts a loop body once, so it would miss most of the chunked attention's FLOPs.
-    JAX's caches are cleared on entry and exit, so jitted functions trace again under the setting."""
-    global CPU_SCORE_CHUNK_BYTES
-    saved, CPU_SCORE_CHUNK_BYTES = CPU_SCORE_CHUNK_BYTES, 1 << 62
+def for_cost_analysis():
+    """Inside, every loop of the model is traced unrolled: attention as one batched op (no CPU chunks)
+    and the scanned CLIP blocks one after the other. XLA's cost analysis counts a loop's body once, so
+    FLOPs and bytes are counted on programs traced here (the same arithmetic). JAX's caches are cleared
+    on entry and exit, so jitted functions trace again under the setting."""
+    global CPU_SCORE_CHUNK_BYTES, _UNROLL_SCANS
+    saved, CPU_SCORE_CHUNK_BYTES, _UNROLL_SCANS = CPU_SCORE_CHUNK_BYTES, 1 << 62, True
     jax.clear_caches()
     try:
         yield
     finally:
-        CPU_SCORE_CHUNK_BYTES = saved
+        CPU_SCORE_CHUNK_BYTES, _UNROLL_SCANS = saved, False
         jax.clear_caches()
 
 

@@ -302,6 +302,7 @@ class SpatialEnhancementDecoder(nnx.Module):
             dim = cfg.dims[i]
         self.layers = nnx.List(layers)
         self.head = nnx.Conv(dim, 1, (3, 3), padding=1, dtype=dtype, rngs=rngs)
+        self.remat = remat_name(remat)
 
     def __call__(self, cost: jax.Array, corr: jax.Array, shallow: list[jax.Array], attn_last: jax.Array) -> jax.Array:
         """cost [B,K,g,g,d] (TGA output), corr [B,K,g,g,P], shallow: the guidance layers' tokens
@@ -310,6 +311,9 @@ class SpatialEnhancementDecoder(nnx.Module):
         x = cost.reshape(b * k, g, g, -1)
         cost_map = corr.reshape(b * k, g, g, -1)
         for i, layer in enumerate(self.layers):
-            x, cost_map = layer(x, cost_map, shallow[i] if i < len(shallow) else None, attn_last, k)
+            # With remat, a whole layer (convolutions and upsampling on B*K maps: the largest activations
+            # at K = 171) keeps only its inputs; its Swin blocks are rematerialised inside it as well.
+            x, cost_map = remat_call(layer, lambda layer, *a: layer(*a, k), self.remat, x, cost_map,
+                                     shallow[i] if i < len(shallow) else None, attn_last)
         logits = self.head(x)[..., 0]
         return logits.reshape(b, k, *logits.shape[1:])

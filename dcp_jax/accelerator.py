@@ -1,0 +1,254 @@
+r"""The accelerator check: how fast and how full the model runs on this machine's accelerators.
+
+    python -m dcp_jax.bench --suite accelerator --out DIR          # B/16 + L/14 recipes, random weights
+    python -m dcp_jax.bench --suite accelerator --config configs/tiny.py --large-config configs/tiny.py --out DIR
+
+No data and no checkpoint: every case runs the recipe's model with random weights on random inputs.
+Per case it prints and writes (DIR/accelerator.json, DIR/accelerator.md): compile seconds (lowering +
+XLA compile of the step), step ms (median of --runs after a warm-up), images/s, XLA's GFLOPs and bytes
+accessed per step, achieved TFLOP/s, MFU against the device's bfloat16 peak (named in the table; none
+for CPUs and unknown devices), XLA's planned memory per device and the device's own peak where it
+reports one.
+
+FLOPs and bytes are XLA's cost analysis of the step traced with every loop unrolled
+(compute.for_cost_analysis: the analysis counts a loop's body once), taken from the lowered program
+before XLA's fusion passes, so nothing is compiled twice; bytes are therefore an upper bound.
+Training cases use global batches on a data-parallel mesh over every local device.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dcp_jax import distributed, files
+from dcp_jax.models import build, compute, dcp
+
+GIB = 2**30
+
+# Dense bfloat16 peak TFLOP/s per device, by a substring of jax's device_kind (first match wins).
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0), ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+    ("TPU v4", 275.0),
+)
+
+
+def device_peak_tflops(device_kind: str) -> float | None:
+    for name, tflops in PEAK_BF16_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    model: str  # "base" (--config) | "large" (--large-config)
+    kind: str  # "train" | "slide" (inference, CAT-Seg's 5 slide views of one image)
+    dtype: str = "bfloat16"
+    batch: int = 0  # global batch of a training case; 0 = one image per device
+    slots: int = 32  # K decoded in training; 0 = every one of the 171 classes (theta 0, Table VII)
+    remat: str = "none"
+    selected: int = 16  # classes decoded in inference
+
+
+CASES = (
+    Case("B/16 train K=32 batch 4 bf16", "base", "train", batch=4),
+    Case("B/16 train K=32 batch 16 bf16", "base", "train", batch=16),
+    Case("B/16 train K=32 batch 4 f32", "base", "train", dtype="float32", batch=4),
+    Case("B/16 train K=32 batch 16 f32", "base", "train", dtype="float32", batch=16),
+    Case("B/16 train K=171 remat bf16", "base", "train", slots=0, remat="full"),
+    Case("L/14 train K=32 bf16", "large", "train"),
+    Case("B/16 slide inference 16 classes", "base", "slide"),
+    Case("L/14 slide inference 16 classes", "large", "slide"),
+)
+TRAIN_CLASSES = 171  # COCO-Stuff's training vocabulary
+
+
+def case_config(base, case: Case):
+    config = copy.deepcopy(base)
+    with config.unlocked():
+        config.clip.dtype = case.dtype
+        config.model.remat = case.remat
+        config.model.dcs.num_slots = case.slots
+        if case.slots == 0:
+            config.model.dcs.theta = 0.0
+    return config
+
+
+def _cost(lowered) -> tuple[float, float]:
+    """(GFLOPs, GB accessed) of a lowered program, from XLA's cost analysis."""
+    cost = lowered.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)) / 1e9, float(cost.get("bytes accessed", 0.0)) / 1e9
+
+
+def _plan_gib(compiled) -> float:
+    m = compiled.memory_analysis()
+    if m is None:
+        return float("nan")
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / GIB
+
+
+def _device_peak_gib() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / GIB
+
+
+def _median_ms(fn, runs: int) -> float:
+    jax.block_until_ready(fn())  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def shared_model(config, cache: dict):
+    """The config's model with random weights, built once per architecture and shared by the cases that
+    differ only in how they compute (dtype, remat, slots): creating it is not what the check measures."""
+    key = (config.clip.variant, config.clip.image_size, config.clip.get("checkpoint", ""))
+    if key not in cache:
+        cache[key] = nnx.state(build.create_model(config))
+    return nnx.merge(nnx.graphdef(build.abstract_model(config)), cache[key])
+
+
+def run_train(config, case: Case, runs: int, models: dict) -> dict:
+    from dcp_jax import optim, train
+
+    devices = jax.local_devices()
+    batch_size = case.batch or len(devices)
+    if batch_size % len(devices):
+        return {"skipped": f"global batch {batch_size} is not a multiple of the {len(devices)} devices"}
+    with config.unlocked():
+        config.train.batch_size = batch_size
+    mesh = distributed.make_mesh(config.mesh.fsdp, devices)
+    model = nnx.merge(*nnx.split(shared_model(config, models)))
+    nnx.update(model, distributed.to_mesh(nnx.state(model), mesh, config.mesh))
+    optimizer = optim.make_optimizer(config, model)
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = distributed.tree_shardings(state, mesh, config.mesh)
+    crop = int(config.train.crop_size)
+    rng = np.random.default_rng(0)
+    data = distributed.batch_sharding(mesh)
+    batch = {"image": jax.device_put(rng.integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8), data),
+             "label": jax.device_put(rng.integers(0, TRAIN_CLASSES, (batch_size, crop, crop), dtype=np.int32), data)}
+    text = jnp.asarray(_random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
+    start = time.perf_counter()
+    compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text, None).compile()
+    compile_s = time.perf_counter() - start
+    with compute.for_cost_analysis():
+        gflops, gbytes = _cost(train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES)
+                               .lower(state, batch, text, None))
+    holder = {"state": jax.device_put(jax.tree.map(jnp.copy, state), shardings)}  # donated: the shared model stays
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch, text, None)
+        return metrics["loss"]
+
+    step_ms = _median_ms(step, runs)
+    return {"images": batch_size, "compile_s": compile_s, "step_ms": step_ms, "gflops": gflops, "gbytes": gbytes,
+            "plan_gib": _plan_gib(compiled), "device_peak_gib": _device_peak_gib()}
+
+
+def run_slide(config, case: Case, runs: int, models: dict) -> dict:
+    from dcp_jax import bench, forward
+
+    model = shared_model(config, models)
+    runner = bench.Bench(config, model, mode="slide")
+    classes = max(case.selected, 171)  # the vocabulary stage 1 ranks; K = case.selected decoded
+    text = jnp.asarray(_random_text(classes, dcp.num_templates(config), model.clip_dim))
+    start = time.perf_counter()
+    stages = (one, args_one), (two, args_two) = runner.stages(text, case.selected)
+    compile_s = time.perf_counter() - start
+    with compute.for_cost_analysis():
+        cost_one = _cost(forward.encode_select.lower(runner.graphdef, *args_one, views_per_image=runner.views_per_image,
+                                                     max_slots=classes))
+        cost_two = _cost(forward.decode.lower(runner.graphdef, *args_two, views_per_image=runner.views_per_image,
+                                              num_slots=case.selected))
+    del stages
+    step_ms = _median_ms(lambda: (one(*args_one), two(*args_two)), runs)
+    return {"images": 1, "compile_s": compile_s, "step_ms": step_ms, "gflops": cost_one[0] + cost_two[0],
+            "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(_plan_gib(one), _plan_gib(two)),
+            "device_peak_gib": _device_peak_gib()}
+
+
+def _random_text(num_classes: int, templates: int, dim: int) -> np.ndarray:
+    t = np.random.default_rng(0).standard_normal((num_classes, templates, dim)).astype(np.float32)
+    return t / np.linalg.norm(t, axis=-1, keepdims=True)
+
+
+def load_config(spec: str, overrides: dict):
+    """A config file spec 'path.py[:ARG]' -> its get_config(ARG), with the --config.KEY overrides applied."""
+    import importlib.util
+    from pathlib import Path
+
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--large-config {path}: no such config file")
+    module_spec = importlib.util.spec_from_file_location(f"dcp_jax_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    config.update_from_flattened_dict(dict(overrides))
+    return config
+
+
+def run_suite(base, large, out, *, runs: int = 5, only: str = "") -> tuple[list[dict], dict]:
+    """Every case of CASES (those whose name contains `only`), a row each; writes out/accelerator.{json,md}
+    after every row. Returns (rows, header)."""
+    from tqdm import tqdm
+
+    device = jax.local_devices()[0]
+    peak = device_peak_tflops(device.device_kind) if device.platform != "cpu" else None
+    header = {"device": f"{len(jax.local_devices())} x {device.device_kind} ({device.platform})",
+              "jax": jax.__version__, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "runs": runs}
+    cases = [c for c in CASES if only.lower() in c.name.lower()]
+    rows, models = [], {}
+    for case in tqdm(cases, desc="accelerator check", unit="case", file=sys.stderr):
+        config = case_config(base if case.model == "base" else large, case)
+        result = (run_train if case.kind == "train" else run_slide)(config, case, runs, models)
+        name = case.name.replace("B/16" if case.model == "base" else "L/14", config.clip.variant or "tiny")
+        row = {**dataclasses.asdict(case), "case": name, **result}
+        if "step_ms" in result:
+            row["images_per_s"] = result["images"] / (result["step_ms"] / 1e3)
+            row["tflops_per_s"] = result["gflops"] / result["step_ms"]  # GFLOP / ms = TFLOP/s
+            row["mfu"] = None if peak is None else row["tflops_per_s"] / (peak * len(jax.local_devices()))
+        rows.append(row)
+        files.write_json(out / "accelerator.json", {"header": header, "rows": rows})
+        files.write_text(out / "accelerator.md", format_markdown(rows, header))
+        jax.clear_caches()  # each case's programs are its own: free them
+    return rows, header
+
+
+def format_markdown(rows: list[dict], header: dict) -> str:
+    peak = header["peak_bf16_tflops"]
+    peak_text = f"bf16 peak {peak:g} TFLOP/s per device" if peak else "no bf16 peak known for this device: no MFU"
+    lines = [f"# dcp_jax accelerator check: {header['device']}", "",
+             f"jax {header['jax']}, {header['date']}; {peak_text}. Random weights; step = median of "
+             f"{header['runs']} runs after a warm-up. GFLOPs and GB: XLA's cost analysis per step (GB before "
+             "fusion: an upper bound).", "",
+             "| case | compile s | step ms | images/s | GFLOPs | GB accessed | TFLOP/s | MFU | plan GiB | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['case']} | skipped: {r['skipped']} |" + " |" * 8)
+            continue
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        device_peak = "-" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f}"
+        lines.append(f"| {r['case']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r['gflops']:.0f} | {r['gbytes']:.1f} | {r['tflops_per_s']:.2f} | {mfu} | "
+                     f"{r['plan_gib']:.2f} | {device_peak} |")
+    return "\n".join(lines) + "\n"
