@@ -6,7 +6,10 @@ rematerialisation. Every module of the model (CLIP, TGA, the decoder) takes thes
 - attention (config.model.attention): jax.nn.dot_product_attention on accelerators (cuDNN's flash
   attention on GPUs where it applies), an einsum path on CPU and wherever the probabilities are needed.
 - remat (config.model.remat): a block's activations are recomputed in the backward pass instead of
-  being kept, per CLIP block, TGA block and Swin block.
+  being kept, per CLIP block, TGA block, Swin block and decoder layer (decoder.py).
+- bfloat16 norms and softmax: LayerNorm / GroupNorm / softmax_saved_as keep what the backward pass
+  needs in the compute dtype.
+- for_cost_analysis(): every loop unrolled, for XLA's FLOP counts (bench, accelerator check).
 """
 
 from __future__ import annotations
