@@ -64,9 +64,9 @@ def get_config(arg=None):
     # "auto": jax.nn.dot_product_attention on GPU/TPU (cuDNN flash attention where it applies), the
     # einsum path on CPU | "xla" | "cudnn" | "reference" (models/compute.py)
     c.model.attention = "auto"
-    # Recompute each CLIP / TGA / Swin block's and decoder layer's activations in the backward pass: "none" | "full" (or
-    # "true") | "dots" (keeps the weight matmuls' outputs). Trades compute for memory (README: memory
-    # per device; models/compute.py).
+    # Recompute each CLIP / TGA / Swin block's and decoder layer's activations in the backward pass:
+    # "none" | "full" (or "true") | "dots" (keeps the weight matmuls' outputs). Trades compute for
+    # memory (README: memory per device; models/compute.py).
     c.model.remat = "none"
     c.model.dcs = ml_collections.ConfigDict(dict(
         theta=0.5,  # image-level threshold; 0 selects every class ("no DCS", Table VII)
