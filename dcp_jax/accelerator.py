@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
+import importlib.util
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcp_jax import distributed, files
+from dcp_jax import bench, distributed, files, forward
 from dcp_jax.models import build, compute, dcp
-
-GIB = 2**30
 
 # Dense bfloat16 peak TFLOP/s per device, by a substring of jax's device_kind (first match wins).
 PEAK_BF16_TFLOPS = (
@@ -93,29 +92,6 @@ def _cost(lowered) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)) / 1e9, float(cost.get("bytes accessed", 0.0)) / 1e9
 
 
-def _plan_gib(compiled) -> float:
-    m = compiled.memory_analysis()
-    if m is None:
-        return float("nan")
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / GIB
-
-
-def _device_peak_gib() -> float | None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / GIB
-
-
-def _median_ms(fn, runs: int) -> float:
-    jax.block_until_ready(fn())  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def shared_model(config, cache: dict):
     """The config's model with random weights, built once per architecture and shared by the cases that
     differ only in how they compute (dtype, remat, slots): creating it is not what the check measures."""
@@ -145,7 +121,7 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
     data = distributed.batch_sharding(mesh)
     batch = {"image": jax.device_put(rng.integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8), data),
              "label": jax.device_put(rng.integers(0, TRAIN_CLASSES, (batch_size, crop, crop), dtype=np.int32), data)}
-    text = jnp.asarray(_random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
+    text = jnp.asarray(bench.random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
     start = time.perf_counter()
     compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text, None).compile()
     compile_s = time.perf_counter() - start
@@ -158,43 +134,32 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch, text, None)
         return metrics["loss"]
 
-    step_ms = _median_ms(step, runs)
+    step_ms = 1e3 * bench._median_seconds(step, runs)
     return {"images": batch_size, "compile_s": compile_s, "step_ms": step_ms, "gflops": gflops, "gbytes": gbytes,
-            "plan_gib": _plan_gib(compiled), "device_peak_gib": _device_peak_gib()}
+            "plan_gib": bench._compiled_stats(compiled)[1], "device_peak_gib": bench._device_peak_gib()}
 
 
 def run_slide(config, case: Case, runs: int, models: dict) -> dict:
-    from dcp_jax import bench, forward
-
     model = shared_model(config, models)
     runner = bench.Bench(config, model, mode="slide")
     classes = max(case.selected, 171)  # the vocabulary stage 1 ranks; K = case.selected decoded
-    text = jnp.asarray(_random_text(classes, dcp.num_templates(config), model.clip_dim))
+    text = jnp.asarray(bench.random_text(classes, dcp.num_templates(config), model.clip_dim))
     start = time.perf_counter()
-    stages = (one, args_one), (two, args_two) = runner.stages(text, case.selected)
+    (one, args_one), (two, args_two) = runner.stages(text, case.selected)
     compile_s = time.perf_counter() - start
     with compute.for_cost_analysis():
         cost_one = _cost(forward.encode_select.lower(runner.graphdef, *args_one, views_per_image=runner.views_per_image,
                                                      max_slots=classes))
         cost_two = _cost(forward.decode.lower(runner.graphdef, *args_two, views_per_image=runner.views_per_image,
                                               num_slots=case.selected))
-    del stages
-    step_ms = _median_ms(lambda: (one(*args_one), two(*args_two)), runs)
+    step_ms = 1e3 * bench._median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
     return {"images": 1, "compile_s": compile_s, "step_ms": step_ms, "gflops": cost_one[0] + cost_two[0],
-            "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(_plan_gib(one), _plan_gib(two)),
-            "device_peak_gib": _device_peak_gib()}
-
-
-def _random_text(num_classes: int, templates: int, dim: int) -> np.ndarray:
-    t = np.random.default_rng(0).standard_normal((num_classes, templates, dim)).astype(np.float32)
-    return t / np.linalg.norm(t, axis=-1, keepdims=True)
+            "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(bench._compiled_stats(c)[1] for c in (one, two)),
+            "device_peak_gib": bench._device_peak_gib()}
 
 
 def load_config(spec: str, overrides: dict):
     """A config file spec 'path.py[:ARG]' -> its get_config(ARG), with the --config.KEY overrides applied."""
-    import importlib.util
-    from pathlib import Path
-
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--large-config {path}: no such config file")
@@ -216,6 +181,8 @@ def run_suite(base, large, out, *, runs: int = 5, only: str = "") -> tuple[list[
     header = {"device": f"{len(jax.local_devices())} x {device.device_kind} ({device.platform})",
               "jax": jax.__version__, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "runs": runs}
     cases = [c for c in CASES if only.lower() in c.name.lower()]
+    if not cases:
+        raise ValueError(f"--only {only!r} matches no case; the cases: {', '.join(c.name for c in CASES)}")
     rows, models = [], {}
     for case in tqdm(cases, desc="accelerator check", unit="case", file=sys.stderr):
         config = case_config(base if case.model == "base" else large, case)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax.models import clip_convert
-from dcp_jax.models.compute import LayerNorm, maybe_remat, multi_head_attention, remat_name, unroll_scans
+from dcp_jax.models.compute import LayerNorm, maybe_remat, multi_head_attention, remat_call, remat_name, unroll_scans
 
 # --------------------------------------------------------------------------------------------------
 # Configs (HF field names and HF 5.x defaults, so a partial config.json reads like transformers reads it)
@@ -374,10 +374,7 @@ class CLIPModel(nnx.Module):
         """The last image block, which also gives its head-mean attention map [B,T,T] (through the
         reference attention, the one path that keeps the probabilities) and the dense tokens:
         (out, attn, dense tokens). Rematerialised like the other blocks."""
-        graphdef, params = nnx.split(self.vision_model.encoder.layers[-1])
-
-        def run(x, params):
-            last = nnx.merge(graphdef, params)
+        def run(last, x):
             out, probs = last(x, return_probs=True)
             # The head mean as adds of head slices: XLA:CPU's YNNPACK reduce over the middle head axis
             # took 24 ms here (B/16 @384), the adds under 1 ms.
@@ -385,7 +382,7 @@ class CLIPModel(nnx.Module):
             attn = sum(probs[:, i] for i in range(heads)) / heads
             return out, attn, last.dense_value_path(x) if dense_mode == "catseg" else out
 
-        return maybe_remat(run, self.remat)(x, params)
+        return remat_call(self.vision_model.encoder.layers[-1], run, self.remat, x)
 
     def get_image_features(self, pixel_values):
         """Projected, un-normalised image embedding [B,D] (HF `CLIPModel.get_image_features`)."""
