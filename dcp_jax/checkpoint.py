@@ -4,7 +4,7 @@ A workdir W holds:
   W/config.json               the run's config (earlier versions kept as config.<n>.json when it changes)
   W/train_classes.json        the training vocabulary (tag validation tells seen classes with it)
   W/tokenizer/, W/clip_config.json   the CLIP tokenizer and architecture: W alone suffices for inference
-  W/checkpoints/<step>/       Orbax: model/, opt/, data/ (grain iterator), meta/
+  W/checkpoints/<step>/       Orbax: model/, opt/, meta/ (step, global data position)
   W/metrics.jsonl             one JSON object per logged step
   W/tensorboard/              the same metrics (and evaluation mIoU) as TensorBoard event files
   W/eval/<dataset>.json       evaluation results (W/eval/zero_shot/ for the zero-shot baseline)
@@ -26,7 +26,6 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -159,9 +158,14 @@ def train_lock(workdir: str | os.PathLike) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 class Checkpointer:
-    """Orbax CheckpointManager over W/checkpoints with the items model, opt, data and meta."""
+    """Orbax CheckpointManager over W/checkpoints with the items model, opt and meta.
 
-    ITEMS = ("model", "opt", "data", "meta")
+    The data stream's position is a number in meta (samples trained on, the same on every host),
+    not a per-host iterator state: a checkpoint resumes on any number of hosts. Checkpoints of
+    earlier versions also hold a "data" item (grain iterator states); it is ignored.
+    """
+
+    ITEMS = ("model", "opt", "data", "meta")  # "data": read-compatibility with older checkpoints
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
@@ -174,24 +178,20 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, data_iter, meta: dict) -> None:
+    def save(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, meta: dict) -> None:
         args = dict(model=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
                     opt=ocp.args.StandardSave(nnx.state(optimizer)),
                     meta=ocp.args.JsonSave(meta))
-        if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, data_iter) -> dict:
-        """Restore everything in place (onto the current shardings); returns the meta dict."""
+    def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+        """Restore model and optimizer in place (onto the current shardings); returns the meta dict."""
         args = dict(model=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
                     opt=ocp.args.StandardRestore(nnx.state(optimizer)),
                     meta=ocp.args.JsonRestore())
-        if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._restore(step, args)
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["opt"])

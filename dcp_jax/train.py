@@ -4,8 +4,10 @@ Without --config it runs the built-in CPU demo (configs/demo.py). The run resume
 checkpoint (model, optimizer and data-iterator state); otherwise the CLIP weights come from
 `clip.checkpoint`. The batch is split over every device of every host on a ("data", "fsdp") mesh;
 `mesh.fsdp` > 1 also shards parameters and optimizer state (FSDP). `eval_every_steps` evaluates
-`eval.during_training`; at the end the full `eval.datasets` table is evaluated. SIGTERM saves a
-checkpoint and exits cleanly; a second trainer on the same W is refused.
+`eval.during_training`; at the end the full `eval.datasets` table is evaluated. SIGTERM (a
+preemption notice) to any one process stops every process after the same step with one checkpoint;
+the same command resumes, on the same or another number of hosts. A second trainer on the same W
+is refused.
 """
 
 from __future__ import annotations
@@ -127,6 +129,45 @@ class MetricWriter:
             self.tb.close()
 
 
+class StopSignal:
+    """SIGTERM (how Slurm, Kubernetes and TPU maintenance announce a preemption) -> stop after a step.
+
+    One process: a Python handler sets a flag. Several processes: the flag must be the same on every
+    host at the same step, or one host enters the collective checkpoint save while another starts the
+    next step's collectives and both hang. jax.distributed's preemption sync manager does that: the
+    SIGTERM reaching any one process is shared through the coordination service, and
+    `reached_preemption_sync_point(step)` answers True on every process at the same step (a local
+    check each step; the hosts agree only once a notice exists). `check(step)` must therefore be
+    called by every process at every step.
+    """
+
+    def __init__(self):
+        # jax's sync manager exists unless jax_enable_preemption_service was switched off; then the
+        # hosts all-gather their own flags every step instead (a small collective that waits for the step).
+        self.use_jax_sync = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+        self._flag = False
+        self._previous = None
+        # jax's sync manager listens with its own (C++) SIGTERM handler: no Python handler over it.
+        if not self.use_jax_sync and os.name == "posix" and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_) -> None:
+        self._flag = True
+
+    def check(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        from jax.experimental import multihost_utils
+        if self.use_jax_sync:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self._flag))))
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 # ---------------------------------------------------------------------------------------------
 # The training step
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +235,6 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
     class_names = list(train_ds.class_names)
     if distributed.is_primary():
         ckpt_lib.save_train_classes(workdir, class_names)
-    train_iter = iter(pipeline.train_dataset(
-        train_ds, crop_size=config.train.crop_size, global_batch_size=config.train.batch_size,
-        seed=config.seed, num_workers=config.train.num_workers, skip_bad_samples=config.train.skip_bad_samples))
 
     # --- CLIP, text embeddings, model, optimizer ---
     clip_path = clip_checkpoint_path(config, workdir, create=True)
@@ -214,12 +252,20 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
 
     # --- Resume ---
     checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINTS_DIR, keep=config.keep_checkpoints)
-    start_step = 0
+    start_step, data_position = 0, 0
     latest = checkpointer.latest_step()
     if latest is not None:
-        meta = checkpointer.restore_train(latest, model=model, optimizer=optimizer, data_iter=train_iter)
+        meta = checkpointer.restore_train(latest, model=model, optimizer=optimizer)
         start_step = int(meta["step"])
-        _say(f"resumed from {checkpointer.directory / str(latest)} at step {start_step}")
+        # Samples trained on so far, one number for all hosts (older checkpoints: step x batch, which
+        # is what their fixed batch size made it).
+        data_position = int(meta.get("data_position", start_step * config.train.batch_size))
+        _say(f"resumed from {checkpointer.directory / str(latest)} at step {start_step} "
+             f"(data position {data_position}, {jax.process_count()} process(es))")
+    train_iter = iter(pipeline.train_dataset(
+        train_ds, crop_size=config.train.crop_size, global_batch_size=config.train.batch_size,
+        seed=config.seed, num_workers=config.train.num_workers, skip_bad_samples=config.train.skip_bad_samples,
+        start_position=data_position))
 
     # --- Everything in its sharding ---
     param_bytes = distributed.bytes_per_device(nnx.state(model, nnx.Param))
@@ -242,19 +288,16 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
 
     def save(step: int) -> None:
         nnx.update((model, optimizer), state)
-        checkpointer.save(step, model=model, optimizer=optimizer, data_iter=train_iter,
-                          meta={"step": step, "time": time.time()})
+        position = data_position + (step - start_step) * config.train.batch_size
+        checkpointer.save(step, model=model, optimizer=optimizer,
+                          meta={"step": step, "data_position": position, "time": time.time(),
+                                "processes": jax.process_count()})
 
     def evaluate(step: int, *, final: bool) -> dict:
         nnx.update((model, optimizer), state)
         return _evaluate(config, workdir, model, step, tokenizer, writer, final=final, clip_path=clip_path)
 
-    # --- SIGTERM: save at the next step boundary and exit ---
-    stop_requested = {"flag": False}
-    previous_handler = None
-    if os.name == "posix" and threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(flag=True))
-
+    stop_signal = StopSignal()  # SIGTERM: every process saves after the same step and exits
     # --- Train loop ---
     writer = MetricWriter(workdir)
     progress = _progress(start_step, config.total_steps)
@@ -282,12 +325,12 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
                     summary["losses"][step] = m["loss"]
                     writer.write(step, m)
                     progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
-                stopping = stop_requested["flag"] or (
-                    stop_after_steps is not None and step - start_step >= stop_after_steps)
+                signalled = stop_signal.check(step)
+                stopping = signalled or (stop_after_steps is not None and step - start_step >= stop_after_steps)
                 if step % config.checkpoint_every_steps == 0 or is_last or stopping:
                     save(step)
                 if stopping:
-                    _say(f"stopping at step {step} ({'SIGTERM' if stop_requested['flag'] else 'stop_after_steps'}); "
+                    _say(f"stopping at step {step} ({'SIGTERM' if signalled else 'stop_after_steps'}); "
                          "checkpoint saved, run the same command to resume")
                     summary["stopped_early"] = True
                     break
@@ -304,8 +347,7 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
         checkpointer.wait()
         checkpointer.close()
         writer.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        stop_signal.close()
     return summary
 
 

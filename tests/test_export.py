@@ -71,7 +71,7 @@ def workdir(tmp_path_factory):
     nnx.update(model.clip.vision_model, jax.tree.map(
         lambda x: x + rng.normal(0.0, 0.01, x.shape).astype(np.float32), vision))
     checkpointer = ckpt_lib.Checkpointer(w / "checkpoints")
-    checkpointer.save(2, model=model, optimizer=optim.make_optimizer(config, model), data_iter=None,
+    checkpointer.save(2, model=model, optimizer=optim.make_optimizer(config, model),
                       meta={"step": 2})
     checkpointer.wait()
     checkpointer.close()

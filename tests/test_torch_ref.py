@@ -293,7 +293,7 @@ def test_export_verify_end_to_end(case, tokenizer_dir, tmp_path, capsys, monkeyp
     for item in tokenizer_dir.iterdir():
         (workdir / ckpt_lib.TOKENIZER_DIR / item.name).write_bytes(item.read_bytes())
     checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINTS_DIR)
-    checkpointer.save(1, model=model, optimizer=optim.make_optimizer(config, model), data_iter=None, meta={"step": 1})
+    checkpointer.save(1, model=model, optimizer=optim.make_optimizer(config, model), meta={"step": 1})
     checkpointer.wait()
     checkpointer.close()
 

@@ -227,15 +227,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _two_process_env(port, i):
+    return _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", DCP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                DCP_NUM_PROCESSES="2", DCP_PROCESS_ID=str(i))
+
+
 def test_two_processes_train_together(data_dir, four_device_run, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed on 127.0.0.1) = the 4-device run, step for step."""
     port = _free_port()
     procs = [subprocess.Popen(
         _train_cmd(tmp_path, data_dir, "--config.total_steps=2", "--config.train.batch_size=4",
                    "--config.optim.lr=0.001", "--config.optim.grad_clip_norm=1.0"),
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", DCP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                 DCP_NUM_PROCESSES="2", DCP_PROCESS_ID=str(i)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        env=_two_process_env(port, i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -244,6 +247,42 @@ def test_two_processes_train_together(data_dir, four_device_run, tmp_path):
     _, four = four_device_run
     np.testing.assert_allclose([m["loss"] for m in lines], losses(four)[:2], rtol=1e-4)
     assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_one_process_resumes(data_dir, tmp_path):
+    """A preemption notice to process 1 only: both processes stop after the same step with one checkpoint,
+    then the same command on ONE process with 4 devices resumes and gives the uninterrupted run's losses."""
+    total = 40
+    args = (f"--config.total_steps={total}", "--config.train.batch_size=4", "--config.optim.lr=0.001",
+            "--config.optim.grad_clip_norm=1.0", "--config.checkpoint_every_steps=1000")
+    workdir = tmp_path / "run"
+    port = _free_port()
+    procs = [subprocess.Popen(_train_cmd(workdir, data_dir, *args), env=_two_process_env(port, i),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120) for p in procs]  # within a minute or two, not a hang
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    stopped = re.search(r"stopping at step (\d+) \(SIGTERM\)", outputs[0][1])
+    assert stopped, outputs[0][1][-3000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < total
+    assert ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [step]
+
+    resumed = subprocess.run(_train_cmd(workdir, data_dir, *args), capture_output=True, text=True, timeout=400,
+                             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step} (data position {4 * step}, 1 process(es))" in resumed.stderr
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, total + 1))
+    reference = train.train_and_evaluate(
+        tiny_run_config(data_dir, total_steps=total, checkpoint_every_steps=1000), tmp_path / "reference")
+    np.testing.assert_allclose([m["loss"] for m in lines], losses(reference), rtol=1e-4)
 
 
 def test_optimizer_lr_groups_weight_decay_and_freezing(tmp_path):

@@ -4,13 +4,14 @@ Training stream, as one global sequence that every host slices:
 
     range(N).seed(seed) -> shuffle (new order each epoch) -> repeat (infinite)
       -> random_map(read + augment; rng from (seed, global position))
-      -> [shard_index::shard_count] -> batch(global_batch // shard_count, drop_remainder)
+      -> [start_position:] -> [shard_index::shard_count] -> batch(global_batch // shard_count, drop_remainder)
       -> to_iter_dataset -> mp_prefetch(num_workers)            (optional worker processes)
 
 Sharding after the augmentation map keeps every sample's rng tied to its global position, so
 hosts never share augmentation draws, and the union of the hosts' k-th batches is the k-th
-global batch whatever the host count. The iterator is checkpointable: `it.get_state()` /
-`it.set_state(state)` (or grain.checkpoint.CheckpointSave/Restore with Orbax).
+global batch whatever the host count. The trainer resumes the stream from the global sample
+position it saved (`start_position`), not from a per-host iterator state, so a run stopped on
+N hosts continues the same global sequence on any other number of hosts (or another batch size).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class _ReadAndAugment(grain.transforms.RandomMap):
 
 def train_dataset(source, *, crop_size: int, global_batch_size: int, seed: int, num_workers: int = 0,
                   skip_bad_samples: bool = False, shard_index: int | None = None,
-                  shard_count: int | None = None, read_threads: int = 2, prefetch_batches: int = 4,
+                  shard_count: int | None = None, start_position: int = 0, read_threads: int = 2,
+                  prefetch_batches: int = 4,
                   image_pad_value: int = transforms.IMAGE_PAD_VALUE,
                   color_jitter: bool = True) -> grain.IterDataset:
     """The infinite, shuffled, augmented training stream of per-host batches.
@@ -86,6 +88,7 @@ def train_dataset(source, *, crop_size: int, global_batch_size: int, seed: int, 
       num_workers: grain worker processes per host (0 = read in this process, with threads).
       skip_bad_samples: replace unreadable samples by the next readable one (marked "bad").
       shard_index, shard_count: this host's slice; default jax.process_index() / process_count().
+      start_position: the global sample position to start at (samples the run has already trained on).
       read_threads, prefetch_batches: grain ReadOptions per process (threads; buffered batches).
       image_pad_value: image fill when a crop is smaller than S (label fill is -1).
       color_jitter: apply the SSD colour augmentation (on by default, as CAT-Seg).
@@ -101,9 +104,12 @@ def train_dataset(source, *, crop_size: int, global_batch_size: int, seed: int, 
         raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
     if len(source) == 0:
         raise ValueError(f"training dataset {getattr(source, 'name', source)!r} is empty")
+    if start_position < 0:
+        raise ValueError(f"start_position {start_position} is negative")
     ds = (grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
           .random_map(_ReadAndAugment(source, crop_size, skip_bad_samples, image_pad_value, color_jitter)))
-    ds = ds[shard_index::shard_count].batch(global_batch_size // shard_count, drop_remainder=True)
+    ds = ds[int(start_position):][shard_index::shard_count]
+    ds = ds.batch(global_batch_size // shard_count, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         _mark_absl_flags_parsed()
