@@ -14,6 +14,11 @@ FLOPs and bytes are XLA's cost analysis of the step traced with every loop unrol
 (compute.for_cost_analysis: the analysis counts a loop's body once), taken from the lowered program
 before XLA's fusion passes, so nothing is compiled twice; bytes are therefore an upper bound.
 Training cases use global batches on a data-parallel mesh over every local device.
+
+The memory plan (`--suite plan`) needs no accelerator: it compiles the config's train step ahead of
+time for a TPU slice (`--tpu v5e-8,v4-8`: jax.experimental.topologies with jax's TPU plugin installed,
+as maxtext's train_compile.py does) or for this machine's devices, and prints XLA's memory plan per
+device beside the chip's memory: whether a recipe fits, checked before a slice is booked.
 """
 
 from __future__ import annotations
@@ -198,6 +203,88 @@ def run_suite(base, large, out, *, runs: int = 5, only: str = "") -> tuple[list[
         files.write_text(out / "accelerator.md", format_markdown(rows, header))
         jax.clear_caches()  # each case's programs are its own: free them
     return rows, header
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time memory plans
+# ---------------------------------------------------------------------------------------------
+
+# Single-host TPU slices by their Cloud name: (topology, chip config, chips per host, GiB per jax device).
+# A v4 chip is one jax device (megacore: its two TensorCores act as one).
+TPU_SLICES = {
+    "v4-8": ("v4:2x2x1", "megacore", (2, 2, 1), 32.0),
+    "v5e-4": ("v5e:2x2", "default", (2, 2, 1), 16.0),
+    "v5e-8": ("v5e:2x4", "default", (2, 4, 1), 16.0),
+}
+
+
+def tpu_slice_devices(name: str) -> tuple[list, float]:
+    """The abstract devices of a TPU slice (enough to compile for, nothing to run on) and each device's
+    memory in GiB. Needs jax's TPU plugin installed, not a TPU."""
+    if name not in TPU_SLICES:
+        raise ValueError(f"--tpu {name!r}: unknown slice; known: {', '.join(TPU_SLICES)}")
+    topology, chip_config, host_bounds, gib = TPU_SLICES[name]
+    from jax.experimental import topologies
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config,
+                                            chips_per_host_bounds=host_bounds, num_slices=1,
+                                            wrap=(False, False, False))
+    except Exception as e:  # no TPU plugin: jax cannot describe a TPU
+        raise RuntimeError(f"cannot describe a TPU {name} here ({type(e).__name__}: {str(e)[:200]}); install jax's "
+                           'TPU plugin beside this jax (pip install -e ".[tpu]"); no TPU is needed') from e
+    return list(desc.devices), gib
+
+
+def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
+    """XLA's memory plan per device of one train step of `config` over `devices` (real ones or a TPU
+    topology's), compiled ahead of time from shapes alone: no parameter is created, nothing runs.
+    Backend-dependent choices (dtype and attention "auto", CPU chunks) are made for the devices' platform."""
+    from dcp_jax import optim, train
+
+    batch_size = int(config.train.batch_size)
+    if batch_size % len(devices):
+        raise ValueError(f"train.batch_size={batch_size} does not divide over the {len(devices)} devices")
+    target = devices[0].platform
+    mesh = distributed.make_mesh(config.mesh.fsdp, devices)
+
+    def model_and_optimizer():
+        model = build.abstract_model(config)
+        return model, optim.make_optimizer(config, model)
+
+    start = time.perf_counter()
+    with compute.compiling_for(target):
+        graphdef, state = nnx.split(nnx.eval_shape(model_and_optimizer))
+        shardings = distributed.tree_shardings(state, mesh, config.mesh)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+        crop, data = int(config.train.crop_size), distributed.batch_sharding(mesh)
+        batch = {"image": jax.ShapeDtypeStruct((batch_size, crop, crop, 3), jnp.uint8, sharding=data),
+                 "label": jax.ShapeDtypeStruct((batch_size, crop, crop), jnp.int32, sharding=data)}
+        dim = build.clip_config_for(config).projection_dim
+        text = jax.ShapeDtypeStruct((num_classes, dcp.num_templates(config), dim), jnp.float32,
+                                    sharding=distributed.replicated(mesh))
+        compiled = train.make_train_step(config, graphdef, shardings, num_classes).lower(state, batch, text, None).compile()
+    m = compiled.memory_analysis()
+    gib = {key: getattr(m, f"{key}_size_in_bytes") / bench.GIB for key in ("argument", "output", "temp", "alias")}
+    return {"devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch_size,
+            "per_device_batch": batch_size // len(devices), "slots": int(config.model.dcs.num_slots),
+            "dtype": compute.resolve_dtype(config.clip.dtype, target).name, "remat": str(config.model.remat),
+            "compile_s": time.perf_counter() - start, **gib,
+            "total": gib["argument"] + gib["output"] + gib["temp"] - gib["alias"]}
+
+
+def format_plan(rows: list[dict], config_name: str) -> str:
+    lines = [f"# XLA memory plan per device: one train step of {config_name}", "",
+             "Compiled ahead of time (no parameters created, nothing run); total = arguments + outputs + "
+             "temporaries - donated buffers; fits = total within 90 % of the device's memory.", "",
+             "| slice | per-device batch | K | dtype | remat | arguments GiB | temporaries GiB | total GiB | "
+             "device GiB | fits |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        memory = r.get("device_gib")
+        fits = "-" if memory is None else ("yes" if r["total"] <= 0.9 * memory else "no")
+        lines.append(f"| {r['name']}: {r['devices']} x {r['device_kind']} | {r['per_device_batch']} | "
+                     f"{r['slots'] or 'all'} | {r['dtype']} | {r['remat']} | {r['argument']:.2f} | {r['temp']:.2f} | "
+                     f"{r['total']:.2f} | {'-' if memory is None else f'{memory:g}'} | {fits} |")
+    return "\n".join(lines) + "\n"
 
 
 def format_markdown(rows: list[dict], header: dict) -> str:

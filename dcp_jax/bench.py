@@ -279,8 +279,11 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("threads", 0, "torch threads for --torch (0 = os.cpu_count())", flag_values=f)
     flags.DEFINE_string("out", None, "output directory for bench.json and bench.md (accelerator.json and "
                         "accelerator.md with --suite accelerator)", flag_values=f)
-    flags.DEFINE_enum("suite", "tables", ["tables", "accelerator"], "tables: the rows above; accelerator: "
-                      "the accelerator check (dcp_jax/accelerator.py)", flag_values=f)
+    flags.DEFINE_enum("suite", "tables", ["tables", "accelerator", "plan"], "tables: the rows above; accelerator: "
+                      "the accelerator check; plan: XLA's memory plan per device of one train step, compiled "
+                      "ahead of time (both in dcp_jax/accelerator.py)", flag_values=f)
+    flags.DEFINE_string("tpu", "", "--suite plan: TPU slices to plan for, e.g. v5e-8,v4-8 (needs jax's TPU "
+                        "plugin, not a TPU); empty: this machine's devices", flag_values=f)
     flags.DEFINE_string("large-config", config_lib.config_file("dcp_vitl14_coco_stuff"),
                         "--suite accelerator: the config of its L/14 cases", flag_values=f)
     flags.DEFINE_string("only", "", "--suite accelerator: only the cases whose name contains this", flag_values=f)
@@ -288,6 +291,8 @@ def main(argv=None) -> int:
     args = cmd.parse()
     if args.suite == "accelerator":
         return cmd.run(lambda: run_accelerator_suite(cmd, args))
+    if args.suite == "plan":
+        return cmd.run(lambda: run_memory_plan(cmd, args))
     return cmd.run(lambda: run(cmd, args))
 
 
@@ -300,6 +305,30 @@ def run_accelerator_suite(cmd, args) -> None:
     rows, header = accelerator.run_suite(config, large, Path(args.out), runs=args.runs, only=args.only)
     print(accelerator.format_markdown(rows, header))
     print(f"[dcp_jax] {runtime.format_compile_stats()}", file=sys.stderr)
+
+
+def run_memory_plan(cmd, args) -> None:
+    from dcp_jax import accelerator
+
+    config = cmd.config()
+    runtime.start(config, require_backend="")  # a plan compiles for the slices named, not for this machine
+    slices = [t.strip() for t in args.tpu.split(",") if t.strip()]
+    targets = ([(name, *accelerator.tpu_slice_devices(name)) for name in slices] if slices
+               else [("this machine", jax.devices(), None)])
+    from ml_collections import config_flags
+    config_name = Path(config_flags.get_config_filename(cmd.flags["config"])).name
+    overrides = dict(cmd.flags["config"].override_values)
+    if overrides:
+        config_name += " with " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+    rows = []
+    for name, devices, device_gib in targets:
+        print(f"[dcp_jax.bench] compiling the train step for {name} ({len(devices)} x {devices[0].device_kind})",
+              file=sys.stderr, flush=True)
+        rows.append({"name": name, "device_gib": device_gib, **accelerator.memory_plan(config, devices)})
+        out = Path(args.out)
+        files.write_json(out / "plan.json", {"config": config_name, "rows": rows})
+        files.write_text(out / "plan.md", accelerator.format_plan(rows, config_name))
+    print(accelerator.format_plan(rows, config_name))
 
 
 def run(cmd, args) -> None:

@@ -85,6 +85,45 @@ def test_accelerator_check_runs_every_case_with_the_tiny_config(tmp_path):
     print(f"accelerator check with the tiny config: {seconds:.0f} s")
 
 
+def test_memory_plan_counts_the_step_it_was_given(tmp_path, capsys):
+    """The ahead-of-time plan (`--suite plan`) on the 4 CPU devices: its argument bytes are the train state,
+    this device's share of the batch and the text embeddings, counted here from the real objects; a
+    larger batch plans more, FSDP plans less state per device."""
+    import jax
+    from flax import nnx
+
+    from dcp_jax import accelerator, optim
+    from dcp_jax.configs import tiny
+    from dcp_jax.models import build, dcp
+
+    code = bench.main(["--suite", "plan", "--config", "configs/tiny.py", "--config.train.batch_size=4",
+                       "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    (plan,) = json.loads((tmp_path / "plan.json").read_text())["rows"]
+    assert "| this machine: 4 x cpu | 1 | 8 | float32 | none |" in (tmp_path / "plan.md").read_text()
+
+    config = tiny.get_config()
+    model = build.create_model(config)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state((model, optim.make_optimizer(config, model)))))
+    crop = config.train.crop_size
+    batch_bytes = crop * crop * 3 + crop * crop * 4  # one uint8 image and its int32 labels per device
+    text_bytes = 171 * dcp.num_templates(config) * model.clip_dim * 4
+    assert plan["argument"] * bench.GIB == pytest.approx(state_bytes + batch_bytes + text_bytes, rel=1e-6)
+
+    config.train.batch_size = 8
+    bigger = accelerator.memory_plan(config, jax.devices())
+    assert bigger["argument"] * bench.GIB == pytest.approx(plan["argument"] * bench.GIB + batch_bytes, rel=1e-6)
+    assert bigger["temp"] > 1.5 * plan["temp"]
+    config.train.batch_size, config.mesh.fsdp, config.mesh.min_shard_size = 4, 4, 0
+    sharded = accelerator.memory_plan(config, jax.devices())
+    assert sharded["argument"] < 0.5 * plan["argument"]
+    with pytest.raises(ValueError, match="does not divide over the 4 devices"):
+        config.train.batch_size = 6
+        accelerator.memory_plan(config, jax.devices())
+    with pytest.raises(ValueError, match="unknown slice; known: v4-8"):
+        accelerator.tpu_slice_devices("v9-8")
+
+
 def test_device_peaks_are_named():
     from dcp_jax import accelerator
 

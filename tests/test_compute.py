@@ -150,6 +150,11 @@ def test_compute_settings_resolve_and_reject_typos():
     assert compute.resolve_dtype("auto", "cpu") == jnp.float32
     assert compute.resolve_dtype("auto", "gpu") == compute.resolve_dtype("auto", "tpu") == jnp.bfloat16
     assert compute.resolve_dtype("float32", "gpu") == jnp.float32
+    # ahead-of-time compiles for another platform make its choices, not this machine's (accelerator.memory_plan)
+    assert compute.platform() == "cpu" and compute.chunks_attention()
+    with compute.compiling_for("tpu"):
+        assert compute.resolve_dtype("auto") == jnp.bfloat16 and not compute.chunks_attention()
+    assert compute.platform() == "cpu" and compute.resolve_dtype("auto") == jnp.float32
     assert [compute.remat_name(v) for v in (True, False, "true", "FALSE", "dots", "", None)] == \
         ["full", "none", "full", "none", "dots", "none", "none"]
     for key, value, choices in [("clip.dtype", "bf16", "bfloat16"), ("model.remat", "partial", "dots"),

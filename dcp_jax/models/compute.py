@@ -25,12 +25,35 @@ from flax import nnx
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+_TARGET_PLATFORM: str | None = None  # set by compiling_for()
+
+
+def platform() -> str:
+    """The platform the programs traced now are for: jax's default backend, or compiling_for's."""
+    return _TARGET_PLATFORM or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(target: str):
+    """Inside, every backend-dependent choice (dtype "auto", attention "auto", CPU chunks) is made for
+    `target` ("tpu", "gpu", "cpu") instead of this machine's backend: ahead-of-time compiles for
+    devices this machine does not have (accelerator.memory_plan)."""
+    global _TARGET_PLATFORM
+    saved, _TARGET_PLATFORM = _TARGET_PLATFORM, target
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM = saved
+        jax.clear_caches()
+
+
 def resolve_dtype(name: str, backend: str | None = None):
     """config.clip.dtype -> a jnp dtype: "auto" is bfloat16 on gpu/tpu, float32 on cpu."""
     if name not in DTYPES:
         raise ValueError(f"config.clip.dtype={name!r}: expected one of {DTYPES}")
     if name == "auto":
-        backend = jax.default_backend() if backend is None else backend
+        backend = platform() if backend is None else backend
         return jnp.dtype(jnp.bfloat16 if backend in ("gpu", "tpu") else jnp.float32)
     return jnp.dtype(name)
 
@@ -50,7 +73,7 @@ _UNROLL_SCANS = False  # True inside for_cost_analysis()
 
 def chunks_attention() -> bool:
     """Whether attention traced now may run in chunks (the CPU backend)."""
-    return jax.default_backend() == "cpu"
+    return platform() == "cpu"
 
 
 def unroll_scans() -> bool:
@@ -95,7 +118,7 @@ def multi_head_attention(q, k, v, *, bias=None, mask=None, impl: str = "auto", r
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"config.model.attention={impl!r}: expected one of {ATTENTION_IMPLS}")
-    if return_probs or impl == "reference" or (impl == "auto" and jax.default_backend() == "cpu"):
+    if return_probs or impl == "reference" or (impl == "auto" and platform() == "cpu"):
         out, probs = reference_attention(q, k, v, bias=bias, mask=mask)
         return out, probs if return_probs else None
     return _fused_attention(q, k, v, bias, mask, impl), None
@@ -108,7 +131,7 @@ def _fused_attention(q, k, v, bias, mask, impl):
     q4, k4, v4 = (t.reshape(n, *t.shape[-3:]) for t in (q, k, v))
     bias4, mask4 = (_as_bnts(a, lead) for a in (bias, mask))
     out = None
-    if impl == "cudnn" or (impl == "auto" and jax.default_backend() == "gpu"
+    if impl == "cudnn" or (impl == "auto" and platform() == "gpu"
                            and q.dtype in (jnp.bfloat16, jnp.float16)):
         try:
             out = jax.nn.dot_product_attention(q4, k4, v4.astype(q4.dtype), bias=bias4, mask=mask4,

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax.models.alignment import LN_EPS, MLP, attention
+from dcp_jax.models import compute
 from dcp_jax.models.compute import GroupNorm, LayerNorm, remat_call, remat_name
 
 
@@ -141,7 +142,7 @@ def conv3x3(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     (the over-padded conv's own backward made a B/16 training step 3x slower). Other backends run the
     plain conv.
     """
-    if jax.default_backend() != "cpu":
+    if compute.platform() != "cpu":
         return conv(x)
     kernel = conv.kernel[...].astype(conv.dtype or x.dtype)
     return _conv3x3_eigen(x.astype(kernel.dtype), kernel, conv.precision)
