@@ -61,13 +61,14 @@ def encode_select(graphdef, params, views, text_embeds, *, views_per_image: int,
     return features, selection.rank_slots(level, p_img, max_slots)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "views_per_image", "num_slots"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "views_per_image", "num_slots", "pad_to"))
 def decode(graphdef, params, features, text_embeds, guidance_text, slot_class, slot_valid, seen, *,
-           views_per_image: int, num_slots: int):
+           views_per_image: int, num_slots: int, pad_to: int = 0):
     """Stage 2: the head on the first `num_slots` candidates of each image, for all its views.
 
     Returns logits [B*V,K,h,w], slot_class (after tag validation) and slot_valid [B*V,K], and
-    tv_relabelled [B*V,K].
+    tv_relabelled [B*V,K]. With `pad_to` > K the slot axis is padded to it with invalid slots, so what
+    comes after (the views' combination) compiles once for every bucket.
     """
     model = nnx.merge(graphdef, params)
     per_view = lambda x: jnp.repeat(x[:, :num_slots], views_per_image, axis=0)  # noqa: E731
@@ -76,7 +77,11 @@ def decode(graphdef, params, features, text_embeds, guidance_text, slot_class, s
     logits = model.decode(features, text_embeds, slot_class, slot_valid, guidance_text)
     text_bar = selection.mean_text_embedding(text_embeds)
     final, relabelled = model.validate(logits, slot_class, slot_valid, features, text_bar, seen)
-    return {"logits": logits, "slot_class": final, "slot_valid": slot_valid, "tv_relabelled": relabelled}
+    out = {"logits": logits, "slot_class": final, "slot_valid": slot_valid, "tv_relabelled": relabelled}
+    pad = max(0, int(pad_to) - num_slots)
+    if pad:
+        out = {key: jnp.pad(value, [(0, 0), (0, pad)] + [(0, 0)] * (value.ndim - 2)) for key, value in out.items()}
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

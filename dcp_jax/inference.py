@@ -71,11 +71,22 @@ def num_views(mode: str = "slide", *, crop: int = 384, stride: int = 256, canvas
     return len(crop_positions(canvas, crop, stride)) ** 2 + 1
 
 
-def bucket_shape(hw: Sequence[int], multiple: int = 128) -> tuple[int, int]:
-    """Round a (height, width) up to multiples of `multiple`: a static shape shared by many image sizes."""
+def bucket_size(n: int, multiple: int = 128) -> int:
+    """Round a side up to a bucket: multiples of `multiple` up to 8 x multiple (1024), then the step doubles
+    with each doubling of the side (256 up to 2048, 512 up to 4096, ...). Padding stays under 1/8 of the
+    side beyond 1024, and sides up to 4096 fall into 16 buckets: a dataset of any mix of image sizes
+    compiles a bounded number of programs."""
     if multiple <= 0:
         raise ValueError(f"bucket multiple={multiple} must be positive")
-    return tuple(int(-(-int(n) // multiple) * multiple) for n in hw)
+    n, step = int(n), int(multiple)
+    while n > 8 * step:
+        step *= 2
+    return -(-n // step) * step
+
+
+def bucket_shape(hw: Sequence[int], multiple: int = 128) -> tuple[int, int]:
+    """A (height, width) rounded up side by side with `bucket_size`: a static shape shared by many image sizes."""
+    return tuple(bucket_size(n, multiple) for n in hw)
 
 
 def bilinear_taps(in_size, out_size, out_pad: int | None = None):
@@ -170,7 +181,7 @@ def make_views(images, *, mode: str = "slide", crop: int = 384, stride: int = 25
       to crop x crop, not the canvas. Whole: the image stretched to crop x crop (V = 1).
     """
     _check_mode(mode)
-    images = jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(images)  # converted to float32 inside the compiled program: no extra program per shape
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -184,6 +195,7 @@ def make_views(images, *, mode: str = "slide", crop: int = 384, stride: int = 25
 
 @functools.partial(jax.jit, static_argnames=("mode", "crop", "stride", "canvas"))
 def _make_views(images, sizes, *, mode, crop, stride, canvas):
+    images = images.astype(jnp.float32)
     b = images.shape[0]
     glob = _resize_images(images, sizes, crop)
     if mode == "whole":
@@ -381,7 +393,7 @@ def predict_labels(forward: ForwardFn, images, *, mode: str = "slide", crop: int
     Returns:
       one [h,w] int32 label map for a single image, a list of them for a batch (each cropped to its out_hw).
     """
-    arr = np.asarray(images)
+    arr = images if isinstance(images, jax.Array) else np.asarray(images)  # a device array stays where it is
     single = arr.ndim == 3
     if single:
         arr = arr[None]
@@ -393,7 +405,7 @@ def predict_labels(forward: ForwardFn, images, *, mode: str = "slide", crop: int
     if out_shape is None:
         out_shape = tuple(int(n) for n in outs.max(axis=0))
     geometry = dict(mode=mode, crop=crop, stride=stride, canvas=canvas)
-    views = make_views(jnp.asarray(arr, jnp.float32), image_hw=jnp.asarray(sizes, jnp.int32), **geometry)
+    views = make_views(arr, image_hw=jnp.asarray(sizes, jnp.int32), **geometry)
     logits, slot_class, slot_valid = split_views(forward(views), b, num_views(**geometry))
     labels = np.asarray(combine_views(logits, slot_class, slot_valid, out_hw=jnp.asarray(outs, jnp.int32),
                                       out_shape=tuple(out_shape), chunk=chunk, **geometry))

@@ -149,6 +149,9 @@ class Segmenter:
         batch = np.zeros((len(images), *in_shape, 3), np.uint8)
         for i, im in enumerate(images):
             batch[i, :im.shape[0], :im.shape[1]] = im
+        # The images split over this host's devices from the start: every stage (views, CLIP, head,
+        # combination) runs on all of them.
+        batch = jax.device_put(batch, distributed.batch_sharding(self.mesh))
         self.last_slots = None
         labels = inference.predict_labels(self.forward_views, batch, image_hw=in_hw,
                                           out_hw=np.array(out_sizes, np.int32), out_shape=out_shape,
@@ -175,8 +178,8 @@ class Segmenter:
         k = forward.slot_bucket(selected, cap)
         out = forward.decode(self._graphdef, self._params, features, self._text_embeds, self._guidance_text,
                              ranked["slot_class"], ranked["slot_valid"], self._seen, views_per_image=per_image,
-                             num_slots=k)
+                             num_slots=k, pad_to=cap)
         # per image: the slots tag validation relabelled (in any of its views)
-        relabelled = np.asarray(jax.device_get(out["tv_relabelled"])).reshape(-1, per_image, k).any(1).sum(-1)
+        relabelled = np.asarray(jax.device_get(out["tv_relabelled"])).reshape(-1, per_image, cap).any(1).sum(-1)
         self.last_slots = {"selected": selected, "bucket": k, "relabelled": relabelled}
         return out

@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,76 @@ def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     if case == "bad_step":
         assert "[2, 4]" in err  # lists the available steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation keeps the device fed: shape buckets, reading threads, sharded views
+# --------------------------------------------------------------------------------------------------
+
+def _resized_copy(data_dir: Path, out: Path, sizes) -> Path:
+    """data_dir's benchmark with one val image per (h, w) of `sizes` (its val images cycled and resized)."""
+    shutil.copytree(data_dir, out)
+    sources = sorted((data_dir / "images" / "val").glob("*.png"))
+    for kind in ("images", "annotations"):
+        for f in (out / kind / "val").glob("*.png"):
+            f.unlink()
+    for i, (h, w) in enumerate(sizes):
+        name = sources[i % len(sources)].name
+        image = Image.open(data_dir / "images" / "val" / name).resize((w, h), Image.BILINEAR)
+        label = Image.open(data_dir / "annotations" / "val" / name).resize((w, h), Image.NEAREST)
+        image.save(out / "images" / "val" / f"{i:06d}.png")
+        label.save(out / "annotations" / "val" / f"{i:06d}.png")
+    return out
+
+
+def test_ten_image_sizes_compile_a_bounded_number_of_programs_read_off_the_main_thread(run, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """10 different sizes, then 10 other sizes in the same shape buckets: the second dataset compiles nothing.
+    Decoding and resizing happen in reader threads, and every stage gets the batch split over the 4 devices."""
+    import threading
+
+    import jax
+
+    from dcp_jax import forward
+    from dcp_jax.data import pipeline
+    from dcp_jax.data.datasets import open_dataset
+    from dcp_jax.segmenter import Segmenter
+
+    workdir, data_dir = run
+    # Originals up to 128 px (output bucket 128 x 128, or 128 x 256 for the widest), resized to a short side of
+    # 64 (input bucket 128 x 128, or 128 x 256 past an aspect of 2); hand-picked to cover both buckets.
+    first = [(40, 50), (50, 40), (64, 64), (90, 70), (70, 120), (100, 128), (33, 80), (45, 100), (128, 96), (60, 200)]
+    second = [(41, 52), (52, 41), (66, 62), (88, 72), (71, 118), (99, 127), (34, 79), (46, 99), (127, 95), (61, 199)]
+    threads, sharded = set(), []
+    real_map, real_encode = pipeline._EvalResize.map, forward.encode_select
+
+    def recording_map(self, element):
+        threads.add(threading.current_thread() is threading.main_thread())
+        return real_map(self, element)
+
+    def recording_encode(graphdef, params, views, *args, **kwargs):
+        sharded.append(len(views.sharding.device_set))
+        return real_encode(graphdef, params, views, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline._EvalResize, "map", recording_map)
+    monkeypatch.setattr(forward, "encode_select", recording_encode)
+    segmenter = Segmenter.from_workdir(workdir)
+    segmenter.config.eval.num_slots = 4  # one slot bucket: the counts below are about image sizes only
+    segmenter.set_vocabulary(open_dataset(f"folder:{data_dir}", "val").class_names)  # embedded once, not counted
+    counts = {}
+    for name, sizes in (("one size", [(64, 64)] * 10), ("first", first), ("second", second)):
+        if name != "second":
+            jax.clear_caches()  # count from nothing: every program of the evaluation is built again
+        folder = _resized_copy(data_dir, tmp_path / name.replace(" ", "_"), sizes)
+        result = evaluate.evaluate_dataset(segmenter, f"folder:{folder}")
+        assert result["image_sizes"] == len(set(sizes)) and result["num_images"] == 10
+        counts[name] = result["programs_compiled"]
+        assert f"10 images of {len(set(sizes))} sizes on this host; {counts[name]} programs built" in \
+            capsys.readouterr().err
+    # Hand-worked from the sizes (batches of 4 on 4 devices): the first set's batches need input buckets
+    # 128x128 and 128x256 and output buckets 128x128 and 128x256, one size needs one of each: one more
+    # view-cutting program and one more combination, nothing else depends on the image size.
+    assert counts["first"] == counts["one size"] + 2, counts
+    assert counts["second"] == 0, counts  # new sizes inside known buckets compile nothing
+    assert threads == {False}  # every image was decoded and resized in a reader thread
+    assert sharded and set(sharded) == {jax.device_count()}
