@@ -143,7 +143,7 @@ def get_config(arg=None):
     c.eval.during_training_images = 500  # ... its first N images (0 = all)
     c.eval.data_root = ""
     c.eval.mode = "slide"  # "slide" | "whole"
-    c.eval.num_slots = 64  # the largest slot bucket at inference; 0 = one slot per class
+    c.eval.num_slots = 256  # the largest slot bucket at inference (CAT-Seg keeps 256); 0 = one slot per class
     c.eval.batch_size = 1  # images per device step
     c.eval.short_side = 640  # test-time ResizeShortestEdge
     c.eval.slide_canvas = 640  # slide mode: the image is stretched to canvas x canvas ...

@@ -108,9 +108,16 @@ def evaluate_dataset(segmenter: Segmenter, spec: str, *, data_root: str | None =
               f"{compiled['compiles']} programs built ({compiled['compile_seconds']:.1f} s; "
               f"{compiled['cache_hits']} read from the persistent cache)", file=sys.stderr)
     if slots:  # what category selection decided (this host's batches)
+        dropped = np.concatenate([s["dropped"] for s in slots])
         result.update(selected_mean=float(np.mean([s["selected"] for s in slots])),
                       tv_relabelled=int(sum(s["relabelled"] for s in slots)),
-                      buckets={str(k): sum(s["bucket"] == k for s in slots) for k in sorted({s["bucket"] for s in slots})})
+                      buckets={str(k): sum(s["bucket"] == k for s in slots) for k in sorted({s["bucket"] for s in slots})},
+                      dropped_classes_mean=float(dropped.mean()), images_with_dropped_classes=int((dropped > 0).sum()))
+        if dropped.any() and distributed.is_primary():
+            print(f"[dcp_jax.evaluate] warning: {ds.name}: {int((dropped > 0).sum())} of {len(dropped)} images selected "
+                  f"more classes than eval.num_slots={config.eval.num_slots} decodes; {dropped.mean():.2f} classes per "
+                  "image were left out (those with the fewest patch votes). Raise eval.num_slots (0 = every class) "
+                  "to decode them.", file=sys.stderr)
     return result
 
 

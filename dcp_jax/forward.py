@@ -51,14 +51,14 @@ def encode_select(graphdef, params, views, text_embeds, *, views_per_image: int,
     text_bar = selection.mean_text_embedding(text_embeds.astype(jnp.float32))
     features = model.encode(views)
     n, g = features["dense"].shape[:2]
-    level, p_img = selection.selection_levels(
+    level, p_img, votes = selection.selection_levels(
         features["cls"], features["dense"].reshape(n, g * g, -1), text_bar, model.clip.logit_scale[...],
         theta=model.theta)
     # An image decodes the union of its views' classes at their best priority, so no class scores 0
-    # in a view merely because that view did not select it (MODEL.md section 7).
-    level = level.reshape(-1, views_per_image, level.shape[-1]).max(axis=1)
-    p_img = p_img.reshape(-1, views_per_image, p_img.shape[-1]).max(axis=1)
-    return features, selection.rank_slots(level, p_img, max_slots)
+    # in a view merely because that view did not select it (MODEL.md section 7); its votes add up.
+    per_image = lambda x: x.reshape(-1, views_per_image, x.shape[-1])  # noqa: E731
+    level, p_img, votes = per_image(level).max(axis=1), per_image(p_img).max(axis=1), per_image(votes).sum(axis=1)
+    return features, selection.rank_slots(level, p_img, max_slots, votes)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "views_per_image", "num_slots", "pad_to"))

@@ -54,7 +54,9 @@ class Segmenter:
         # The vocabulary's template embeddings in float32, whatever the model computes in.
         self._text_model = clip_lib.with_compute(local_model) if zero_shot else local_model.frozen_text_clip()
         self.class_names: list[str] | None = None
-        self.last_slots: dict | None = None  # {"selected", "bucket", "relabelled"} of the last batch (not for zero-shot)
+        # {"selected", "bucket", "relabelled", "dropped" (per image: selected classes beyond the cap)} of the
+        # last batch (not for zero-shot)
+        self.last_slots: dict | None = None
         runtime.enable_compilation_cache()
 
     # -- construction ---------------------------------------------------------------------------
@@ -158,6 +160,7 @@ class Segmenter:
                                           **self.geometry())
         if self.last_slots is not None:  # the padding images do not count
             self.last_slots["relabelled"] = int(self.last_slots["relabelled"][:n].sum())
+            self.last_slots["dropped"] = self.last_slots["dropped"][:n]
         return labels[:n]
 
     def forward_views(self, views) -> dict:
@@ -174,12 +177,14 @@ class Segmenter:
         cap = forward.bucket_cap(self.config.eval.num_slots, len(self.class_names))
         features, ranked = forward.encode_select(self._graphdef, self._params, views, self._text_embeds,
                                                  views_per_image=per_image, max_slots=cap)
-        selected = int(np.max(jax.device_get(ranked["dcs_selected"])))
+        selected_per_image, dropped = (np.asarray(a) for a in jax.device_get((ranked["dcs_selected"],
+                                                                             ranked["dcs_dropped"])))
+        selected = int(selected_per_image.max())
         k = forward.slot_bucket(selected, cap)
         out = forward.decode(self._graphdef, self._params, features, self._text_embeds, self._guidance_text,
                              ranked["slot_class"], ranked["slot_valid"], self._seen, views_per_image=per_image,
                              num_slots=k, pad_to=cap)
         # per image: the slots tag validation relabelled (in any of its views)
         relabelled = np.asarray(jax.device_get(out["tv_relabelled"])).reshape(-1, per_image, cap).any(1).sum(-1)
-        self.last_slots = {"selected": selected, "bucket": k, "relabelled": relabelled}
+        self.last_slots = {"selected": selected, "bucket": k, "relabelled": relabelled, "dropped": dropped}
         return out

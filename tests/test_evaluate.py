@@ -337,3 +337,22 @@ def test_ten_image_sizes_compile_a_bounded_number_of_programs_read_off_the_main_
     assert counts["second"] == 0, counts  # new sizes inside known buckets compile nothing
     assert threads == {False}  # every image was decoded and resized in a reader thread
     assert sharded and set(sharded) == {jax.device_count()}
+
+
+def test_classes_beyond_the_slot_cap_are_counted_and_warned_about(run, capsys):
+    """eval.num_slots below what images select: the JSON counts the classes left out and a warning names the
+    key; with no cap (0) nothing is dropped and nothing is said."""
+    from dcp_jax.segmenter import Segmenter
+
+    workdir, data_dir = run
+    segmenter = Segmenter.from_workdir(workdir)
+    segmenter.config.eval.num_slots = 1
+    capped = evaluate.evaluate_dataset(segmenter, f"folder:{data_dir}")
+    err = capsys.readouterr().err
+    assert capped["selected_mean"] > 1 and capped["images_with_dropped_classes"] >= 1
+    assert capped["dropped_classes_mean"] > 0
+    assert "more classes than eval.num_slots=1 decodes" in err and "Raise eval.num_slots" in err
+    segmenter.config.eval.num_slots = 0
+    uncapped = evaluate.evaluate_dataset(segmenter, f"folder:{data_dir}")
+    assert uncapped["dropped_classes_mean"] == 0 and uncapped["images_with_dropped_classes"] == 0
+    assert "warning" not in capsys.readouterr().err

@@ -28,14 +28,15 @@ def dcs_reference(cls, dense, text, logit_scale, theta, num_slots, gt=None):
         p_img = _softmax(s * _normalize(cls[b]) @ text_bar.T)
         p_patch = _softmax(s * _normalize(dense[b]) @ text_bar.T)
         q_patch = p_patch * (1 - p_img)[None, :]
-        c_patch = {int(np.argmax(q_patch[n])) for n in range(q_patch.shape[0])}
+        winners = [int(np.argmax(q_patch[n])) for n in range(q_patch.shape[0])]
+        c_patch = set(winners)
         c_img = set(range(num_classes)) if theta <= 0 else {c for c in range(num_classes) if p_img[c] > theta}
         c_gt = set() if gt is None else {c for c in range(num_classes) if gt[b, c]}
         selected = c_patch | c_img | c_gt
 
         def priority(c):
             level = 3 if c in c_gt else 2 if c in c_img else 1 if c in c_patch else 0
-            return (-level, -p_img[c], c)
+            return (-level, -winners.count(c), -p_img[c], c)  # overflow: fewest patch votes left out
 
         order = sorted(range(num_classes), key=priority)[:k]
         slot_class.append(order)

@@ -48,7 +48,8 @@ def class_scores(cls_embeds: jax.Array, dense: jax.Array, text_bar: jax.Array, l
 
 
 def selection_levels(cls_embeds, dense, text_bar, logit_scale, *, theta: float, gt_present=None):
-    """Each class's priority level (LEVEL_*) per image, and p_img: (level int32 [B,C], p_img [B,C]).
+    """Each class's priority level (LEVEL_*) per image, p_img, and its patch votes:
+    (level int32 [B,C], p_img [B,C], votes int32 [B,C] = the patches whose damped argmax it is).
 
     C_patch = union over patches of argmax_c p_patch * (1 - p_img); C_img = {p_img > theta};
     theta <= 0 selects every class (the "no DCS" baseline; tested explicitly because a float32
@@ -63,7 +64,8 @@ def selection_levels(cls_embeds, dense, text_bar, logit_scale, *, theta: float, 
     # Damp the dominant classes so each patch can reveal a secondary one.
     q_patch = p_patch * (1.0 - p_img)[:, None, :]
     winner = jnp.argmax(q_patch, axis=-1)  # [B,N]
-    by_patch = jnp.any(jax.nn.one_hot(winner, num_classes, dtype=jnp.bool_), axis=1)  # [B,C]
+    votes = jnp.sum(jax.nn.one_hot(winner, num_classes, dtype=jnp.int32), axis=1)  # [B,C]
+    by_patch = votes > 0
     by_image = (p_img > theta) | (theta <= 0)
     level = jnp.where(by_patch, LEVEL_PATCH, LEVEL_NONE)
     level = jnp.where(by_image, LEVEL_IMAGE, level)
@@ -71,20 +73,24 @@ def selection_levels(cls_embeds, dense, text_bar, logit_scale, *, theta: float, 
         if gt_present.shape != p_img.shape:
             raise ValueError(f"gt_present has shape {gt_present.shape}; expected [B,C] = {p_img.shape}")
         level = jnp.where(gt_present, LEVEL_GT, level)
-    return level.astype(jnp.int32), p_img
+    return level.astype(jnp.int32), p_img, votes
 
 
-def rank_slots(level: jax.Array, p_img: jax.Array, num_slots: int) -> dict[str, jax.Array]:
-    """The selected classes (level > LEVEL_NONE) ranked into K slots: by (level, p_img) descending,
-    ties by class index; slots past the selected count are invalid.
+def rank_slots(level: jax.Array, p_img: jax.Array, num_slots: int, votes: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """The selected classes (level > LEVEL_NONE) ranked into K slots: by (level, votes, p_img)
+    descending, ties by class index; slots past the selected count are invalid.
 
+    When more classes are selected than K, the ones left out are the fewest patches' winners: a patch
+    class's p_img is below theta, near noise, whereas its votes say how much of the image it covers.
     Returns slot_class int32 [B,K], slot_valid bool [B,K], dcs_selected / dcs_dropped int32 [B].
     """
     num_classes = level.shape[-1]
     k = resolve_num_slots(num_slots, num_classes)
     class_index = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), level.shape)
-    # Lexicographic descending sort on (level, p_img); the stable sort breaks exact ties by index.
-    _, _, order = jax.lax.sort((-level, -p_img, class_index), dimension=-1, num_keys=2, is_stable=True)
+    votes = jnp.zeros_like(level) if votes is None else votes.astype(jnp.int32)
+    # Lexicographic descending sort on (level, votes, p_img); the stable sort breaks exact ties by index.
+    *_, order = jax.lax.sort((-level, -votes, -p_img, class_index), dimension=-1, num_keys=3, is_stable=True)
     slot_class = order[:, :k]
     slot_valid = jnp.take_along_axis(level, slot_class, axis=-1) > LEVEL_NONE
     num_selected = jnp.sum(level > LEVEL_NONE, axis=-1, dtype=jnp.int32)
@@ -108,5 +114,5 @@ def select_categories(
     See `selection_levels` and `rank_slots`. Returns slot_class int32 [B,K], slot_valid bool [B,K],
     dcs_selected / dcs_dropped int32 [B], p_img [B,C], selected bool [B,C].
     """
-    level, p_img = selection_levels(cls_embeds, dense, text_bar, logit_scale, theta=theta, gt_present=gt_present)
-    return {**rank_slots(level, p_img, num_slots), "p_img": p_img, "selected": level > LEVEL_NONE}
+    level, p_img, votes = selection_levels(cls_embeds, dense, text_bar, logit_scale, theta=theta, gt_present=gt_present)
+    return {**rank_slots(level, p_img, num_slots, votes), "p_img": p_img, "selected": level > LEVEL_NONE}

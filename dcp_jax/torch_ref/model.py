@@ -67,25 +67,29 @@ def slot_bucket(count: int, cap: int) -> int:
 
 
 def selection_levels(cls, dense, text_bar, logit_scale, *, theta: float, gt_present=None):
-    """(level int [B,C], p_img [B,C]); see selection.selection_levels. dense [B,N,D]."""
+    """(level int [B,C], p_img [B,C], votes int [B,C]); see selection.selection_levels. dense [B,N,D]."""
     s = torch.exp(logit_scale.float())
     p_img = torch.softmax(s * l2_normalize(cls.float()) @ text_bar.float().T, dim=-1)
     p_patch = torch.softmax(s * torch.einsum("bnd,cd->bnc", l2_normalize(dense.float()), text_bar.float()), dim=-1)
     winner = torch.argmax(p_patch * (1.0 - p_img)[:, None, :], dim=-1)  # [B,N]: dominant classes damped
-    by_patch = torch.zeros_like(p_img, dtype=torch.bool).scatter_(1, winner, True)
+    votes = torch.zeros(p_img.shape, dtype=torch.int64, device=p_img.device).scatter_add_(
+        1, winner, torch.ones_like(winner))
+    by_patch = votes > 0
     by_image = (p_img > theta) | (theta <= 0)
     level = torch.where(by_patch, LEVEL_PATCH, LEVEL_NONE)
     level = torch.where(by_image, LEVEL_IMAGE, level)
     if gt_present is not None:
         level = torch.where(torch.as_tensor(gt_present, device=level.device), LEVEL_GT, level)
-    return level, p_img
+    return level, p_img, votes
 
 
-def rank_slots(level, p_img, num_slots: int) -> dict:
-    """Selected classes ranked into K slots by (level, p_img) descending, ties by class index."""
+def rank_slots(level, p_img, num_slots: int, votes=None) -> dict:
+    """Selected classes ranked into K slots by (level, votes, p_img) descending, ties by class index."""
     k = resolve_num_slots(num_slots, level.shape[-1])
-    # Lexicographic order by two stable sorts: the secondary key (p_img) first, then the primary.
+    # Lexicographic order by stable sorts, the last key first: p_img, then votes, then level.
     order = torch.sort(-p_img, dim=-1, stable=True).indices
+    if votes is not None:
+        order = order.gather(-1, torch.sort(-votes.gather(-1, order), dim=-1, stable=True).indices)
     order = order.gather(-1, torch.sort(-level.gather(-1, order), dim=-1, stable=True).indices)
     slot_class = order[:, :k]
     num_selected = (level > LEVEL_NONE).sum(-1)
@@ -254,9 +258,9 @@ class TorchDCP(nn.Module):
     def select(self, features, text_bar, *, num_slots: int, gt_present=None) -> dict:
         """DCS (selection.select_categories): slot_class [B,K], slot_valid, dcs_selected/dropped, p_img."""
         b, g = features["dense"].shape[:2]
-        level, p_img = selection_levels(features["cls"], features["dense"].reshape(b, g * g, -1), text_bar,
-                                        self.clip.logit_scale, theta=self.theta, gt_present=gt_present)
-        return {**rank_slots(level, p_img, num_slots), "p_img": p_img, "selected": level > LEVEL_NONE}
+        level, p_img, votes = selection_levels(features["cls"], features["dense"].reshape(b, g * g, -1), text_bar,
+                                               self.clip.logit_scale, theta=self.theta, gt_present=gt_present)
+        return {**rank_slots(level, p_img, num_slots, votes), "p_img": p_img, "selected": level > LEVEL_NONE}
 
     def decode(self, features, text_embeds, slot_class, slot_valid, guidance_text) -> torch.Tensor:
         """DCPCLIP.decode: TGA + SED on K slots -> logits [B,K,h,w]. text_embeds T [C,P,D], slot_class
