@@ -20,8 +20,9 @@ from dcp_jax import rules as rules_lib
 # LayerNorm / GroupNorm scales and biases, by the module names used in dcp_jax's trees (CLIP's
 # layer_norm1, pre_layrnorm, post_layernorm, final_layer_norm; the head's norm1, guidance_norm, ...).
 NORM = r"(norm|layrnorm)[^/]*/(scale|bias)$"
-IMAGE_QV = r"^clip/vision_model/encoder/layers/\d+/self_attn/(q_proj|v_proj)/"
-TEXT_QV = r"^clip/text_model/encoder/layers/\d+/self_attn/(q_proj|v_proj)/"
+# The q/v projection weights, not their biases: CAT-Seg trains `q_proj_weight` / `v_proj_weight` only.
+IMAGE_QV = r"^clip/vision_model/encoder/layers/\d+/self_attn/(q_proj|v_proj)/kernel$"
+TEXT_QV = r"^clip/text_model/encoder/layers/\d+/self_attn/(q_proj|v_proj)/kernel$"
 IMAGE_TOWER = r"^clip/(vision_model|visual_projection)/"
 FINETUNE_PRESETS = ("qv", "full", "none")
 
@@ -29,7 +30,7 @@ FINETUNE_PRESETS = ("qv", "full", "none")
 def finetune_rules(config) -> tuple:
     """The parameter groups of clip.finetune / clip.text_finetune, at lr x optim.clip_lr_mult for CLIP.
 
-    "qv": the image tower's q/v projections (kernels and biases), as CAT-Seg; "full": the whole image
+    "qv": the image tower's q/v projection weights (not their biases), as CAT-Seg; "full": the whole image
     tower; "none": CLIP frozen. With text_finetune the text tower's q/v train too. Everything else
     of CLIP is frozen; the head trains at the base lr. Norm parameters get no weight decay.
     """

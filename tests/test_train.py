@@ -323,9 +323,13 @@ def test_optimizer_lr_groups_weight_decay_and_freezing(tmp_path):
                 "clip" if name.startswith("clip/") else "head")
         checked[kind] += 1
     assert all(checked.values()), checked
+    # q/v as CAT-Seg trains them: the projection weights of both towers, not their biases
     assert {p for p in trained if p.startswith("clip/text")} == {
-        f"clip/text_model/encoder/layers/{i}/self_attn/{proj}/{leaf}" for i in range(2)
-        for proj in ("q_proj", "v_proj") for leaf in ("kernel", "bias")}
+        f"clip/text_model/encoder/layers/{i}/self_attn/{proj}/kernel" for i in range(2) for proj in ("q_proj", "v_proj")}
+    image_layers = {p.split("/")[4] for p in before if p.startswith("clip/vision_model/encoder/layers/")}
+    assert {p for p in trained if p.startswith("clip/vision")} == {
+        f"clip/vision_model/encoder/layers/{i}/self_attn/{proj}/kernel" for i in image_layers
+        for proj in ("q_proj", "v_proj")}
 
 
 # --------------------------------------------------------------------------------------------------
