@@ -89,7 +89,12 @@ def get_config(arg=None):
         prompt_tokens=4,  # M learnable tokens (or context vectors)
         cls_logit=True,  # the image-level cosine c_k in each slot's guidance
     ))
-    c.model.tga = ml_collections.ConfigDict(dict(cross_attention=True, self_attention=True))  # Table IV
+    c.model.tga = ml_collections.ConfigDict(dict(
+        cross_attention=True, self_attention=True,  # Table IV
+        # "clip": CA on the patch features at CLIP's joint width, then projected to hidden_dim (Eqs. 8-11);
+        # "head": projected to hidden_dim first (cheaper; the versions before this key)
+        cross_attention_width="clip",
+    ))
     c.model.decoder = ml_collections.ConfigDict(dict(
         layers=2,  # Table VI-b: 0, 1 or 2
         spatial_enhance=True,  # Table VI-a

@@ -415,11 +415,13 @@ ABLATIONS = {
                                  "model.decoder.fuse_cost": False, "model.decoder.fuse_shallow": False,
                                  "model.decoder.fuse_attn": False, "model.tv.enabled": False},
     "sa_off_no_prompt_no_attn_fusion": {"model.tga.self_attention": False, "model.guidance.prompt": "none",
+                                        "model.tga.cross_attention_width": "head",
                                         "model.decoder.fuse_attn": False, "clip.dense_mode": "plain",
                                         "text.templates": "imagenet80"},
     "no_cls_logit_context_no_enhance": {"model.guidance.cls_logit": False, "model.guidance.prompt": "context",
                                         "model.decoder.spatial_enhance": False,
-                                        "model.decoder.fuse_shallow": False, "clip.dtype": "bfloat16"},
+                                        "model.decoder.fuse_shallow": False, "clip.dtype": "bfloat16",
+                                        "model.hidden_dim": 8},  # CA at CLIP's width 16, the head at 8
     "tga_off_0layers_no_dcs": {"model.tga.cross_attention": False, "model.tga.self_attention": False,
                                "model.decoder.layers": 0, "model.dcs.theta": 0.0, "model.dcs.num_slots": 0},
 }
@@ -445,6 +447,10 @@ def test_ablation_switches_build_and_run(name):
     assert any("attn_proj" in p for p in params) == (dec.fuse_attn and dec.spatial_enhance and dec.layers > 0)
     assert any("cost_up" in p for p in params) == (dec.fuse_cost and dec.layers > 0)
     assert ("alignment/prompt_tokens" in params) == (config.model.guidance.prompt == "tokens" and tga.cross_attention)
+    if tga.cross_attention:  # CA at CLIP's joint width (Eqs. 8-11) or at the head's
+        width = {"clip": m.clip_dim, "head": config.model.hidden_dim}[tga.cross_attention_width]
+        assert m.alignment.cross_block.q_proj.kernel.shape == (width, width)
+        assert m.alignment.visual_proj.kernel.shape[-2:] == (m.clip_dim, config.model.hidden_dim)
     assert ("text_context" in params) == (config.model.guidance.prompt == "context")
     if not config.model.tv.enabled:
         assert not np.asarray(out["tv_relabelled"]).any()

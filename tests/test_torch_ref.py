@@ -34,7 +34,7 @@ LOGIT_ATOL = torch_ref.TOLERANCE  # 1e-4
 
 # Every parameter-changing switch is off (or non-default) in at least one case, on in another.
 CASES = {
-    # tokens prompt, CA + SA, c_k in the guidance, 2 decoder layers with every fusion, catseg, P = 1
+    # tokens prompt, CA (at CLIP's width) + SA, c_k in the guidance, 2 decoder layers with every fusion, catseg, P = 1
     "default": {},
     # learnt context + fine-tuned text tower (frozen q/v copy), no c_k, CA only (SA = identity
     # attention), 1 decoder layer with attention features only in Q/K, plain dense, P = 80;
@@ -43,9 +43,10 @@ CASES = {
                    "model.tga.self_attention": False, "model.decoder.layers": 1, "model.decoder.fuse_shallow": False,
                    "clip.dense_mode": "plain", "text.templates": "imagenet80", "clip.image_size": 32,
                    "train.crop_size": 48},
-    # no prompt, CA + SA, no Swin blocks, shallow features in the upsampling path only, no cost path
+    # no prompt, CA (at the head's width) + SA, no Swin blocks, shallow features in the upsampling path only,
+    # no cost path
     "no_prompt": {"model.guidance.prompt": "none", "model.decoder.spatial_enhance": False,
-                  "model.decoder.fuse_cost": False},
+                  "model.decoder.fuse_cost": False, "model.tga.cross_attention_width": "head"},
     # SA only, 1 decoder layer with shallow features only in Q/K
     "sa_only": {"model.tga.cross_attention": False, "model.decoder.layers": 1, "model.decoder.fuse_attn": False},
     # neither CA nor SA, no decoder layer: the head convolves the cost embedding

@@ -23,6 +23,7 @@ from dcp_jax.models.selection import l2_normalize
 from dcp_jax.models.compute import LayerNorm, multi_head_attention, remat_call, remat_name
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm / GroupNorm default, so exported weights behave the same
+CA_WIDTHS = ("head", "clip")  # config.model.tga.cross_attention_width
 PROMPTS = ("tokens", "context", "none")  # config.model.guidance.prompt (Table V)
 
 
@@ -131,6 +132,7 @@ class TextGuidedAlignment(nnx.Module):
         guidance_prompt: str = "tokens",
         prompt_tokens: int = 4,
         guidance_cls_logit: bool = True,
+        cross_attention_width: str = "head",
         dtype=jnp.float32,
         attention: str = "auto",
         remat="none",
@@ -143,6 +145,13 @@ class TextGuidedAlignment(nnx.Module):
         if guidance_prompt not in PROMPTS:
             raise ValueError(f"config.model.guidance.prompt={guidance_prompt!r}: expected one of {PROMPTS}")
         self.guidance_cls_logit = guidance_cls_logit
+        if cross_attention_width not in CA_WIDTHS:
+            raise ValueError(f"config.model.tga.cross_attention_width={cross_attention_width!r}: expected one of "
+                             f"{CA_WIDTHS}")
+        # "clip": CA on the patch features at CLIP's joint width D, projected to d afterwards (Eqs. 8-11: the
+        # refined features are "projected to match the channel of" the cost features); "head": projected first.
+        self.ca_at_clip_width = cross_attention and cross_attention_width == "clip"
+        ca_dim = clip_dim if self.ca_at_clip_width else hidden_dim
         # Cost embedding: per slot, Conv7x7 over the P template channels (CAT-Seg conv1, no activation).
         self.cost_embed = nnx.Conv(num_templates, hidden_dim, (7, 7), padding=3, dtype=dtype, rngs=rngs)
         if cross_attention or self_attention:
@@ -151,10 +160,10 @@ class TextGuidedAlignment(nnx.Module):
         if cross_attention:
             if guidance_prompt == "tokens":  # (with "context" the prompt lives in the text encoder)
                 self.prompt_tokens = nnx.Param(
-                    jax.random.normal(rngs.params(), (prompt_tokens, hidden_dim), jnp.float32) * 0.02)
+                    jax.random.normal(rngs.params(), (prompt_tokens, ca_dim), jnp.float32) * 0.02)
             guidance_in = clip_dim + (1 if guidance_cls_logit else 0)
-            self.guidance_proj = nnx.Linear(guidance_in, hidden_dim, dtype=dtype, rngs=rngs)
-            self.cross_block = CrossAttentionBlock(hidden_dim, num_heads, dtype=dtype, attention=attention, rngs=rngs)
+            self.guidance_proj = nnx.Linear(guidance_in, ca_dim, dtype=dtype, rngs=rngs)
+            self.cross_block = CrossAttentionBlock(ca_dim, num_heads, dtype=dtype, attention=attention, rngs=rngs)
         if cross_attention or self_attention:
             self.self_block = SpatialSelfAttentionBlock(
                 hidden_dim, num_heads, attend=self_attention, dtype=dtype, attention=attention, rngs=rngs
@@ -193,10 +202,15 @@ class TextGuidedAlignment(nnx.Module):
         cost = self.cost_embed(corr.reshape(b * k, gh, gw, p)).reshape(b, k, gh * gw, -1)
         if not (self.cross_attention or self.self_attention):
             return cost.reshape(b, k, gh, gw, -1), corr
-        visual = jax.nn.relu(self.visual_proj(dense)).reshape(b, gh * gw, -1)
-        if self.cross_attention:
-            prompt = self.prompt_tokens[...] if hasattr(self, "prompt_tokens") else None
-            visual = remat_call(self.cross_block, lambda block, *a: block(*a), self.remat, visual,
-                                self.guidance(slot_guidance_text, slot_cos), slot_valid, prompt)
+        prompt = self.prompt_tokens[...] if hasattr(self, "prompt_tokens") else None
+        cross = lambda tokens: remat_call(self.cross_block, lambda block, *a: block(*a), self.remat,  # noqa: E731
+                                          tokens, self.guidance(slot_guidance_text, slot_cos), slot_valid, prompt)
+        if self.ca_at_clip_width:
+            refined = cross(dense.reshape(b, gh * gw, -1)).reshape(dense.shape)
+            visual = jax.nn.relu(self.visual_proj(refined)).reshape(b, gh * gw, -1)
+        else:
+            visual = jax.nn.relu(self.visual_proj(dense)).reshape(b, gh * gw, -1)
+            if self.cross_attention:
+                visual = cross(visual)
         cost = remat_call(self.self_block, lambda block, *a: block(*a), self.remat, cost, visual)
         return cost.reshape(b, k, gh, gw, -1), corr

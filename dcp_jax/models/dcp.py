@@ -150,6 +150,7 @@ class DCPCLIP(nnx.Module):
             guidance_prompt=m.guidance.prompt,
             prompt_tokens=m.guidance.prompt_tokens,
             guidance_cls_logit=m.guidance.cls_logit,
+            cross_attention_width=m.tga.get("cross_attention_width", "head"),  # configs saved before the key: "head"
             dtype=dtype,
             attention=options["attention"],
             remat=options["remat"],

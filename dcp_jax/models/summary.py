@@ -60,6 +60,28 @@ def format_counts(counts: dict[str, tuple[int, int]]) -> str:
     return "\n".join(lines)
 
 
+# The paper's Table II, DCP-CLIP row (its totals fit only the L/14 backbone: docs/MODEL.md section 8).
+PAPER_TABLE_II = {"total": 443.6e6, "learnable": 80.3e6}
+
+
+def format_table_ii(counts: dict[str, tuple[int, int]]) -> str:
+    """Our counts beside the paper's Table II, by part. The paper gives only the total and the learnable
+    count; the head it implies is its learnable count less the CLIP parameters that we train."""
+    total, learnable = counts["TOTAL"]
+    clip_learnable = sum(learn for key, (_, learn) in counts.items() if key.startswith("clip/"))
+    head = learnable - clip_learnable
+    paper_head = PAPER_TABLE_II["learnable"] - clip_learnable
+    rows = [("total", total, PAPER_TABLE_II["total"]), ("learnable", learnable, PAPER_TABLE_II["learnable"]),
+            ("  of which CLIP", clip_learnable, None), ("  of which the head", head, paper_head)]
+    lines = ["Against the paper's Table II (DCP-CLIP: 443.6 M total, 80.3 M learnable; the head it implies is",
+             "its learnable count less the CLIP parameters trained here):",
+             f"{'':<24}{'ours (M)':>12}{'paper (M)':>12}{'ours - paper':>14}"]
+    for name, ours, paper in rows:
+        paper_text = "" if paper is None else f"{paper / 1e6:>12.2f}{(ours - paper) / 1e6:>+14.2f}"
+        lines.append(f"{name:<24}{ours / 1e6:>12.2f}{paper_text}")
+    return "\n".join(lines)
+
+
 def run_forward(config, *, num_classes: int, num_slots: int, batch: int, seed: int = 0):
     """One jitted inference forward (with TV) on random weights; returns (compile_s, run_s, outputs)."""
     model = build.create_model(config, seed=seed)
@@ -104,7 +126,9 @@ def main(argv=None) -> int:
         print(f"CLIP: width {v.hidden_size}, {v.num_hidden_layers} blocks, patch {v.patch_size}, input {v.image_size} "
               f"(grid {v.grid_size}), projection {clip_config.projection_dim}; clip.finetune={config.clip.finetune}, "
               f"clip.text_finetune={config.clip.text_finetune}")
-        print(format_counts(count_params(build.abstract_model(config, clip_config), config)))
+        counts = count_params(build.abstract_model(config, clip_config), config)
+        print(format_counts(counts))
+        print(format_table_ii(counts))
         if args.forward:
             from tqdm import tqdm
             requested = args["num-slots"].value

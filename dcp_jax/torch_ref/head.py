@@ -137,18 +137,20 @@ class TextGuidedAlignment(nn.Module):
 
     def __init__(self, *, clip_dim: int, num_templates: int, hidden_dim: int, num_heads: int,
                  cross_attention: bool, self_attention: bool, guidance_prompt: str, prompt_tokens: int,
-                 guidance_cls_logit: bool):
+                 guidance_cls_logit: bool, cross_attention_width: str = "head"):
         super().__init__()
         self.cross_attention, self.self_attention = cross_attention, self_attention
         self.guidance_cls_logit = guidance_cls_logit
+        self.ca_at_clip_width = cross_attention and cross_attention_width == "clip"  # CA at D, then project to d
+        ca_dim = clip_dim if self.ca_at_clip_width else hidden_dim
         self.cost_embed = nn.Conv2d(num_templates, hidden_dim, 7, padding=3)
         if cross_attention or self_attention:
             self.visual_proj = nn.Conv2d(clip_dim, hidden_dim, 3, padding=1)
         if cross_attention:
-            if guidance_prompt == "tokens":  # M tokens in the head's width d, extra keys/values of CA
-                self.prompt_tokens = nn.Parameter(torch.zeros(prompt_tokens, hidden_dim))
-            self.guidance_proj = nn.Linear(clip_dim + (1 if guidance_cls_logit else 0), hidden_dim)
-            self.cross_block = CrossAttentionBlock(hidden_dim, num_heads)
+            if guidance_prompt == "tokens":  # M tokens in CA's width, extra keys/values of CA
+                self.prompt_tokens = nn.Parameter(torch.zeros(prompt_tokens, ca_dim))
+            self.guidance_proj = nn.Linear(clip_dim + (1 if guidance_cls_logit else 0), ca_dim)
+            self.cross_block = CrossAttentionBlock(ca_dim, num_heads)
         if cross_attention or self_attention:
             self.self_block = SpatialSelfAttentionBlock(hidden_dim, num_heads, attend=self_attention)
 
@@ -168,10 +170,15 @@ class TextGuidedAlignment(nn.Module):
         cost = conv(self.cost_embed, corr.reshape(b * k, gh, gw, p)).reshape(b, k, gh * gw, -1)
         if not (self.cross_attention or self.self_attention):
             return cost.reshape(b, k, gh, gw, -1), corr
-        visual = F.relu(conv(self.visual_proj, dense)).reshape(b, gh * gw, -1)
-        if self.cross_attention:
-            prompt = getattr(self, "prompt_tokens", None)
-            visual = self.cross_block(visual, self.guidance(slot_guidance_text, slot_cos), slot_valid, prompt)
+        prompt = getattr(self, "prompt_tokens", None)
+        if self.ca_at_clip_width:
+            refined = self.cross_block(dense.reshape(b, gh * gw, -1), self.guidance(slot_guidance_text, slot_cos),
+                                       slot_valid, prompt).reshape(dense.shape)
+            visual = F.relu(conv(self.visual_proj, refined)).reshape(b, gh * gw, -1)
+        else:
+            visual = F.relu(conv(self.visual_proj, dense)).reshape(b, gh * gw, -1)
+            if self.cross_attention:
+                visual = self.cross_block(visual, self.guidance(slot_guidance_text, slot_cos), slot_valid, prompt)
         cost = self.self_block(cost, visual)
         return cost.reshape(b, k, gh, gw, -1), corr
 
@@ -392,7 +399,8 @@ class DCPHead(nn.Module):
             clip_dim=clip_dim, num_templates=self.num_templates, hidden_dim=m.hidden_dim, num_heads=m.num_heads,
             cross_attention=bool(m.tga.cross_attention), self_attention=bool(m.tga.self_attention),
             guidance_prompt=m.guidance.prompt, prompt_tokens=m.guidance.prompt_tokens,
-            guidance_cls_logit=bool(m.guidance.cls_logit))
+            guidance_cls_logit=bool(m.guidance.cls_logit),
+            cross_attention_width=m.tga.get("cross_attention_width", "head"))
         self.decoder = SpatialEnhancementDecoder(hidden_dim=m.hidden_dim, clip_width=vision_width, grid=grid,
                                                  num_templates=self.num_templates, num_heads=m.num_heads,
                                                  cfg=m.decoder)
