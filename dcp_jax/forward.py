@@ -7,8 +7,9 @@ evaluation, benchmarks) and a new `Segmenter` for the same model compiles nothin
 Inference runs in two stages so that the head's cost follows the selection (MODEL.md section 2):
   encode_select  CLIP + DCS on every view of a batch; each image gets the union of the classes its
                  views selected, ranked by (priority, p_img) into `max_slots` candidates;
-  decode         the head (TGA, SED) and tag validation on K slots for every view, K = the smallest
-                 bucket (`slot_bucket`) that holds the largest union of the batch.
+  decode         the head (TGA, SED) on K slots for every view, K = the smallest bucket
+                 (`slot_bucket`) that holds the largest union of the batch.
+Tag validation then runs on each image's final label map, combined over its views (`validate_labels`).
 At most one program per bucket is compiled and kept for the process (and in the persistent
 compilation cache, see `runtime.enable_compilation_cache`).
 """
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dcp_jax.models import selection
+from dcp_jax.models import selection, tag_validation
 
 MIN_BUCKET = 4
 
@@ -61,14 +62,15 @@ def encode_select(graphdef, params, views, text_embeds, *, views_per_image: int,
     return features, selection.rank_slots(level, p_img, max_slots, votes)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "views_per_image", "num_slots", "pad_to"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "views_per_image", "num_slots", "pad_to", "tag_validation"))
 def decode(graphdef, params, features, text_embeds, guidance_text, slot_class, slot_valid, seen, *,
-           views_per_image: int, num_slots: int, pad_to: int = 0):
+           views_per_image: int, num_slots: int, pad_to: int = 0, tag_validation: bool = True):
     """Stage 2: the head on the first `num_slots` candidates of each image, for all its views.
 
     Returns logits [B*V,K,h,w], slot_class (after tag validation) and slot_valid [B*V,K], and
     tv_relabelled [B*V,K]. With `pad_to` > K the slot axis is padded to it with invalid slots, so what
-    comes after (the views' combination) compiles once for every bucket.
+    comes after (the views' combination) compiles once for every bucket. `tag_validation=False` leaves
+    the per-view tag validation out (inference validates the final label map instead).
     """
     model = nnx.merge(graphdef, params)
     per_view = lambda x: jnp.repeat(x[:, :num_slots], views_per_image, axis=0)  # noqa: E731
@@ -76,12 +78,24 @@ def decode(graphdef, params, features, text_embeds, guidance_text, slot_class, s
     text_embeds = text_embeds.astype(jnp.float32)
     logits = model.decode(features, text_embeds, slot_class, slot_valid, guidance_text)
     text_bar = selection.mean_text_embedding(text_embeds)
-    final, relabelled = model.validate(logits, slot_class, slot_valid, features, text_bar, seen)
+    if tag_validation:
+        final, relabelled = model.validate(logits, slot_class, slot_valid, features, text_bar, seen)
+    else:
+        final, relabelled = slot_class, jnp.zeros_like(slot_valid)
     out = {"logits": logits, "slot_class": final, "slot_valid": slot_valid, "tv_relabelled": relabelled}
     pad = max(0, int(pad_to) - num_slots)
     if pad:
         out = {key: jnp.pad(value, [(0, 0), (0, pad)] + [(0, 0)] * (value.ndim - 2)) for key, value in out.items()}
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def validate_labels(labels, image_hw, slot_class, slot_valid, global_dense, text_embeds, seen, *, k: int):
+    """Tag validation on the final label maps [B,H,W] (models/tag_validation.validate_label_map): each
+    image's candidate classes [B,K], the whole-image view's dense features [B,g,g,D]."""
+    text_bar = selection.mean_text_embedding(text_embeds.astype(jnp.float32))
+    return tag_validation.validate_label_map(labels, image_hw, slot_class, slot_valid, global_dense, text_bar,
+                                             seen, k=k)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

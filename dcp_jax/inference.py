@@ -379,7 +379,7 @@ def split_views(outputs: dict, batch: int, views: int) -> tuple[jax.Array, jax.A
 
 def predict_labels(forward: ForwardFn, images, *, mode: str = "slide", crop: int = 384, stride: int = 256,
                    canvas: int = 640, image_hw=None, out_hw=None, out_shape: Sequence[int] | None = None,
-                   chunk: int = 16):
+                   chunk: int = 16, finish: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
     """make_views -> forward -> combine_views, for one image or a batch.
 
     Args:
@@ -389,6 +389,8 @@ def predict_labels(forward: ForwardFn, images, *, mode: str = "slide", crop: int
       out_hw: label-map size per image (default: image_hw), e.g. the original size when `images` were resized.
       out_shape: static padded output shape; default the largest out_hw (pass `bucket_shape(...)` to share one
         compiled program between many sizes).
+      finish: (labels [B,H,W] on device, out_hw [B,2]) -> labels, applied before the labels leave the device
+        (the Segmenter's tag validation on the final prediction).
 
     Returns:
       one [h,w] int32 label map for a single image, a list of them for a batch (each cropped to its out_hw).
@@ -407,7 +409,9 @@ def predict_labels(forward: ForwardFn, images, *, mode: str = "slide", crop: int
     geometry = dict(mode=mode, crop=crop, stride=stride, canvas=canvas)
     views = make_views(arr, image_hw=jnp.asarray(sizes, jnp.int32), **geometry)
     logits, slot_class, slot_valid = split_views(forward(views), b, num_views(**geometry))
-    labels = np.asarray(combine_views(logits, slot_class, slot_valid, out_hw=jnp.asarray(outs, jnp.int32),
-                                      out_shape=tuple(out_shape), chunk=chunk, **geometry))
+    out_sizes = jnp.asarray(outs, jnp.int32)
+    labels = combine_views(logits, slot_class, slot_valid, out_hw=out_sizes, out_shape=tuple(out_shape), chunk=chunk,
+                           **geometry)
+    labels = np.asarray(labels if finish is None else finish(labels, out_sizes))
     result = [labels[i, :outs[i, 0], :outs[i, 1]] for i in range(b)]
     return result[0] if single else result

@@ -157,7 +157,7 @@ class Segmenter:
         self.last_slots = None
         labels = inference.predict_labels(self.forward_views, batch, image_hw=in_hw,
                                           out_hw=np.array(out_sizes, np.int32), out_shape=out_shape,
-                                          **self.geometry())
+                                          finish=self._validate_final, **self.geometry())
         if self.last_slots is not None:  # the padding images do not count
             self.last_slots["relabelled"] = int(self.last_slots["relabelled"][:n].sum())
             self.last_slots["dropped"] = self.last_slots["dropped"][:n]
@@ -183,8 +183,21 @@ class Segmenter:
         k = forward.slot_bucket(selected, cap)
         out = forward.decode(self._graphdef, self._params, features, self._text_embeds, self._guidance_text,
                              ranked["slot_class"], ranked["slot_valid"], self._seen, views_per_image=per_image,
-                             num_slots=k, pad_to=cap)
-        # per image: the slots tag validation relabelled (in any of its views)
-        relabelled = np.asarray(jax.device_get(out["tv_relabelled"])).reshape(-1, per_image, cap).any(1).sum(-1)
-        self.last_slots = {"selected": selected, "bucket": k, "relabelled": relabelled, "dropped": dropped}
+                             num_slots=k, pad_to=cap, tag_validation=False)
+        # Tag validation runs on the final label map (_validate_final): each image's candidates and the
+        # dense features of its whole-image view (the last view in slide mode, the only one in whole mode).
+        self._tv_inputs = (ranked["slot_class"][:, :k], ranked["slot_valid"][:, :k],
+                           features["dense"][per_image - 1::per_image])
+        self.last_slots = {"selected": selected, "bucket": k, "relabelled": np.zeros(len(dropped), np.int64),
+                           "dropped": dropped}
         return out
+
+    def _validate_final(self, labels: jax.Array, out_sizes: jax.Array) -> jax.Array:
+        """Tag validation on the combined label maps (MODEL.md section 5); records relabels per image."""
+        if self.zero_shot or not self.config.model.tv.enabled:
+            return labels
+        slot_class, slot_valid, dense = self._tv_inputs
+        labels, relabelled = forward.validate_labels(labels, out_sizes, slot_class, slot_valid, dense,
+                                                     self._text_embeds, self._seen, k=int(self.config.model.tv.k))
+        self.last_slots["relabelled"] = np.asarray(jax.device_get(relabelled)).sum(-1)
+        return labels

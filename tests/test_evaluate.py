@@ -332,8 +332,9 @@ def test_ten_image_sizes_compile_a_bounded_number_of_programs_read_off_the_main_
             capsys.readouterr().err
     # Hand-worked from the sizes (batches of 4 on 4 devices): the first set's batches need input buckets
     # 128x128 and 128x256 and output buckets 128x128 and 128x256, one size needs one of each: one more
-    # view-cutting program and one more combination, nothing else depends on the image size.
-    assert counts["first"] == counts["one size"] + 2, counts
+    # view-cutting program (input) and one more combination and final tag validation (output); nothing
+    # else depends on the image size.
+    assert counts["first"] == counts["one size"] + 3, counts
     assert counts["second"] == 0, counts  # new sizes inside known buckets compile nothing
     assert threads == {False}  # every image was decoded and resized in a reader thread
     assert sharded and set(sharded) == {jax.device_count()}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dcp_jax import text as text_lib
-from dcp_jax.models.tag_validation import validate_tags, winning_regions
+from dcp_jax.models.tag_validation import validate_label_map, validate_tags, winning_regions
 
 E0, E1, E2 = np.eye(3)
 E3 = (E0 + E1) / np.sqrt(2)
@@ -84,3 +84,56 @@ def test_seen_mask_normalises_names_and_synonyms():
     assert text_lib.seen_mask(vocabulary, train).dtype == np.bool_
     # A full synonym string matches the same full string.
     assert text_lib.seen_mask(["chest of drawers, chest"], ["Chest of drawers, chest"]).all()
+
+
+# -------------------------------------------------------------------------------- on the final label map
+def final_map_case():
+    """The combined 4x4 label map of an image over hand_made_case's 2x2 grid of whole-image features:
+    class 0 (seen) top-left, class 1 (unseen) top-right on a mostly-E2 cell, class 3 (unseen) the bottom
+    row, whose two cells (E0 and E1) pool to E3."""
+    _, _, _, dense, text_bar, seen = hand_made_case()
+    labels = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [3, 3, 3, 3], [3, 3, 3, 3]])
+    slot_class, slot_valid = np.array([[0, 1, 3, 2]]), np.array([[True, True, True, False]])
+    return labels, jnp.asarray(slot_class, jnp.int32), jnp.asarray(slot_valid), dense, text_bar, seen
+
+
+def test_final_map_relabels_an_unseen_region_and_keeps_one_the_whole_image_confirms():
+    labels, slot_class, slot_valid, dense, text_bar, seen = final_map_case()
+    padded = np.full((1, 5, 6), -1)  # a padded batch: the image is 4x4, the map 5x6
+    padded[0, :4, :4] = labels
+    new, relabelled = validate_label_map(jnp.asarray(padded), jnp.array([[4, 4]]), slot_class, slot_valid, dense,
+                                         text_bar, seen, k=1)
+    want = np.full((5, 6), -1)
+    want[:4, :4] = [[0, 0, 2, 2], [0, 0, 2, 2], [3, 3, 3, 3], [3, 3, 3, 3]]  # class 1 -> 2 (its cell is E2)
+    np.testing.assert_array_equal(np.asarray(new)[0], want)
+    np.testing.assert_array_equal(np.asarray(relabelled)[0], [False, True, False, False])
+
+
+def test_a_view_local_decision_differs_from_the_whole_image_one():
+    """A slide view that holds only the bottom-left of the image sees class 3's region on E0 alone, where
+    class 0 ranks first: per view, tag validation relabels it; on the final map class 3's whole region
+    pools to E3 and the label stands (what Eq. 17 describes: the segmented region, not a view's part)."""
+    labels, slot_class, slot_valid, dense, text_bar, seen = final_map_case()
+    view_logits = np.where(np.arange(2)[:, None, None] == np.array([[0] * 4] * 2 + [[1] * 4] * 2)[None], 5.0, -5.0)
+    view_dense = np.zeros((2, 2, 3))
+    view_dense[0] = E2
+    view_dense[1] = E0  # the view's bottom row: the image's bottom-left cell stretched
+    view_class, view_relabelled = validate_tags(
+        jnp.asarray(view_logits[None], jnp.float32), jnp.array([[0, 3]], jnp.int32), jnp.array([[True, True]]),
+        jnp.asarray(view_dense[None], jnp.float32), text_bar, seen, k=1)
+    assert np.asarray(view_class)[0].tolist() == [0, 0] and np.asarray(view_relabelled)[0].tolist() == [False, True]
+    new, relabelled = validate_label_map(jnp.asarray(labels[None]), jnp.array([[4, 4]]), slot_class, slot_valid,
+                                         dense, text_bar, seen, k=1)
+    assert (np.asarray(new)[0, 2:] == 3).all() and not np.asarray(relabelled)[0, 2]
+
+
+def test_final_map_cells_follow_the_image_size_and_k():
+    labels, slot_class, slot_valid, dense, text_bar, seen = final_map_case()
+    wide = np.repeat(labels, 2, axis=1)  # an 4x8 image: pixel x falls in cell x * 2 // 8, as the stretch puts it
+    new, _ = validate_label_map(jnp.asarray(wide[None]), jnp.array([[4, 8]]), slot_class, slot_valid, dense,
+                                text_bar, seen, k=1)
+    np.testing.assert_array_equal(np.asarray(new)[0], np.repeat([[0, 0, 2, 2], [0, 0, 2, 2], [3] * 4, [3] * 4], 2, 1))
+    kept, relabelled = validate_label_map(jnp.asarray(labels[None]), jnp.array([[4, 4]]), slot_class, slot_valid,
+                                          dense, text_bar, seen, k=2)  # class 1 ranks 2nd: within k = 2
+    np.testing.assert_array_equal(np.asarray(kept)[0], labels)
+    assert not np.asarray(relabelled).any()

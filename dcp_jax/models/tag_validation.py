@@ -1,5 +1,9 @@
 """Tag Validation, TV (MODEL.md section 5): re-check the labels of unseen-class slots at inference.
 
+`validate_label_map` (what inference runs): on the final label map of an image, combined over its
+views. `validate_tags` (per view, on the slots' winning regions at the logit resolution) is the earlier
+variant, kept for the model's own forward.
+
 For each valid slot whose class is unseen (not in the training vocabulary) and that wins at least
 one pixel, pool the dense CLIP features over the region it wins, rank the whole vocabulary by cosine
 similarity, and relabel the slot with the top-1 class when its own class is not in the top-k. Seen
@@ -59,3 +63,53 @@ def validate_tags(
     relabel = slot_valid & wins_any & ~seen[slot_class] & ~in_top_k
     new_class = jnp.where(relabel, jnp.argmax(sims, axis=-1), slot_class).astype(jnp.int32)
     return new_class, relabel
+
+
+def validate_label_map(
+    labels: jax.Array,
+    image_hw: jax.Array,
+    slot_class: jax.Array,
+    slot_valid: jax.Array,
+    dense: jax.Array,
+    text_bar: jax.Array,
+    seen: jax.Array,
+    *,
+    k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Tag validation on the final prediction (Eq. 17): each unseen class's region of the combined label
+    map of all views is pooled over the whole image's dense features.
+
+    labels int [B,H,W] vocabulary ids (-1 outside each image's `image_hw` [B,2]); slot_class / slot_valid
+    [B,K] the image's candidate classes; dense [B,g,g,D] the features of the whole image stretched to the
+    CLIP input (the global view), so pixel (y, x) of an h x w image falls in cell (y g // h, x g // w);
+    text_bar [C,D]; seen bool [C]. A candidate keeps its label when its class is seen, wins no pixel, or
+    ranks in the top-k of the vocabulary for its pooled region; otherwise all its pixels take the top-1.
+    Returns (labels [B,H,W], relabelled bool [B,K]).
+    """
+    if k < 1:
+        raise ValueError(f"config.model.tv.k={k}: must be >= 1")
+    num_classes, grid = text_bar.shape[0], dense.shape[1]
+    if seen.shape != (num_classes,):
+        raise ValueError(f"seen mask has shape {seen.shape}; expected [C] = ({num_classes},)")
+    height, width = labels.shape[1:]
+    dense_n = l2_normalize(dense.astype(jnp.float32)).reshape(dense.shape[0], grid * grid, -1)
+
+    def one(image_labels, hw, classes, valid, feats):
+        cy = jnp.minimum(jnp.arange(height) * grid // hw[0], grid - 1)
+        cx = jnp.minimum(jnp.arange(width) * grid // hw[1], grid - 1)
+        cell = cy[:, None] * grid + cx[None, :]  # [H,W]
+        inside = image_labels >= 0
+        segment = jnp.where(inside, cell * num_classes + jnp.maximum(image_labels, 0), 0)
+        counts = jax.ops.segment_sum(inside.astype(jnp.float32).ravel(), segment.ravel(),
+                                     num_segments=grid * grid * num_classes).reshape(grid * grid, num_classes)
+        regions = counts[:, classes]  # [g*g,K]: pixels of each candidate's region per cell
+        pooled = l2_normalize(regions.T @ feats)  # [K,D]
+        sims = pooled @ text_bar.astype(jnp.float32).T  # [K,C]
+        own = jnp.take_along_axis(sims, classes[:, None], axis=-1)
+        relabel = valid & (regions.sum(0) > 0) & ~seen[classes] & (jnp.sum(sims > own, axis=-1) >= k)
+        new_class = jnp.argmax(sims, axis=-1).astype(jnp.int32)
+        table = jnp.arange(num_classes, dtype=jnp.int32).at[jnp.where(relabel, classes, num_classes)].set(
+            new_class, mode="drop")
+        return jnp.where(inside, table[jnp.maximum(image_labels, 0)], -1), relabel
+
+    return jax.vmap(one)(labels, image_hw.astype(jnp.int32), slot_class.astype(jnp.int32), slot_valid, dense_n)
