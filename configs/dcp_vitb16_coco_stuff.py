@@ -54,7 +54,9 @@ def get_config(arg=None):
     c.clip.guidance_layers = (3, 7)  # 0-based blocks whose patch tokens guide the decoder
     c.clip.dense_mode = "catseg"  # "catseg" (last-block value path) | "plain"
     c.clip.finetune = "qv"  # image tower: "qv" (CAT-Seg) | "full" | "none"; see dcp_jax/optim.py
-    c.clip.text_finetune = False  # also train the text tower's q/v (MODEL.md section 1)
+    # Text tower: "none" (frozen) | "guidance" (q/v trained, the slots' guidance re-encoded each step) |
+    # "cost" (also the cost volume's template embeddings of the slot classes: CAT-Seg's text training)
+    c.clip.text_finetune = "none"
     # Compute dtype: "auto" = bfloat16 on GPU/TPU, float32 on CPU | "float32" | "bfloat16". Parameters,
     # optimizer state, softmax/norm statistics, logits and the loss stay float32 (models/compute.py).
     c.clip.dtype = "auto"

@@ -127,16 +127,18 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
     batch = {"image": jax.device_put(rng.integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8), data),
              "label": jax.device_put(rng.integers(0, TRAIN_CLASSES, (batch_size, crop, crop), dtype=np.int32), data)}
     text = jnp.asarray(bench.random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
+    tokens = bench.random_text_tokens(config, TRAIN_CLASSES)
     start = time.perf_counter()
-    compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text, None).compile()
+    compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text,
+                                                                                      *tokens).compile()
     compile_s = time.perf_counter() - start
     with compute.for_cost_analysis():
         gflops, gbytes = _cost(train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES)
-                               .lower(state, batch, text, None))
+                               .lower(state, batch, text, *tokens))
     holder = {"state": jax.device_put(jax.tree.map(jnp.copy, state), shardings)}  # donated: the shared model stays
 
     def step():
-        holder["state"], metrics = compiled(holder["state"], batch, text, None)
+        holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)
         return metrics["loss"]
 
     step_ms = 1e3 * bench._median_seconds(step, runs)
@@ -262,7 +264,10 @@ def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
         dim = build.clip_config_for(config).projection_dim
         text = jax.ShapeDtypeStruct((num_classes, dcp.num_templates(config), dim), jnp.float32,
                                     sharding=distributed.replicated(mesh))
-        compiled = train.make_train_step(config, graphdef, shardings, num_classes).lower(state, batch, text, None).compile()
+        tokens = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=distributed.replicated(mesh)),
+                              bench.random_text_tokens(config, num_classes))
+        compiled = train.make_train_step(config, graphdef, shardings, num_classes).lower(state, batch, text,
+                                                                                         *tokens).compile()
     m = compiled.memory_analysis()
     gib = {key: getattr(m, f"{key}_size_in_bytes") / bench.GIB for key in ("argument", "output", "temp", "alias")}
     return {"devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch_size,

@@ -88,6 +88,26 @@ def random_text(num_classes: int, num_templates: int, dim: int, seed: int = 0) -
     return t / np.linalg.norm(t, axis=-1, keepdims=True)
 
 
+TOKENS_PER_PROMPT = 16  # random stand-in prompts for the step's text re-encoding (CLIP prompts: ~8-20 tokens)
+
+
+def random_text_tokens(config, num_classes: int, seed: int = 0) -> tuple:
+    """(guidance_tokens, cost_tokens) for a train step of `config`, random ids of TOKENS_PER_PROMPT tokens:
+    what the step re-encodes (a learnt context or clip.text_finetune) costs what real prompts of that length
+    cost. None where the config re-encodes nothing."""
+    rng = np.random.default_rng(seed)
+    vocab_size = build.clip_config_for(config).text.vocab_size
+
+    def tokens(*shape):
+        ids = rng.integers(1, vocab_size - 2, (*shape, TOKENS_PER_PROMPT), dtype=np.int32)
+        ids[..., -1] = vocab_size - 1  # the end token, where CLIP pools (the largest id)
+        return jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
+
+    guidance = tokens(num_classes) if dcp.reencodes_text(config) else None
+    cost = tokens(num_classes, dcp.num_templates(config)) if config_lib.text_finetune(config) == "cost" else None
+    return guidance, cost
+
+
 class Bench:
     """The model, its two compiled stages and the inputs of one image's views."""
 
@@ -199,12 +219,13 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     batch = {"image": jnp.asarray(rng.integers(0, 256, (1, crop, crop, 3)), jnp.uint8),
              "label": jnp.asarray(rng.integers(0, num_classes, (1, crop, crop)), jnp.int32)}
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
-    compiled = step.lower(state, batch, text, None).compile()
+    tokens = random_text_tokens(config, num_classes)
+    compiled = step.lower(state, batch, text, *tokens).compile()
     gflops, memory = _compiled_stats(compiled)
     if has_loops(model):
         with compute.for_cost_analysis():  # the FLOPs of the same step without loops (Bench.gflops)
             gflops = _compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
-                                     .lower(state, batch, text, None).compile())[0]
+                                     .lower(state, batch, text, *tokens).compile())[0]
     result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,
               "train_device_peak_gib": None}
     if _too_big(memory):
@@ -212,7 +233,7 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     holder = {"state": jax.device_put(state, shardings)}
 
     def once():
-        holder["state"], metrics = compiled(holder["state"], batch, text, None)
+        holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)
         return metrics
 
     result.update(train_step_s=_median_seconds(once, runs), train_device_peak_gib=_device_peak_gib())

@@ -14,6 +14,22 @@ from pathlib import Path
 import ml_collections
 
 
+TEXT_FINETUNE = ("none", "guidance", "cost")
+
+
+def text_finetune(config) -> str:
+    """config.clip.text_finetune as one of TEXT_FINETUNE (MODEL.md section 1): "none" (the text tower
+    frozen), "guidance" (its q/v trained; the slots' guidance text re-encoded every step), "cost" (also
+    the cost volume's template embeddings of the slot classes re-encoded, as CAT-Seg trains its text).
+    Configs saved when the key was a bool read True as "guidance" and False as "none"."""
+    value = config.clip.get("text_finetune", "none")
+    if isinstance(value, bool) or str(value).lower() in ("true", "false", ""):
+        return "guidance" if str(value).lower() == "true" else "none"
+    if value not in TEXT_FINETUNE:
+        raise ValueError(f"config.clip.text_finetune={value!r}: expected one of {TEXT_FINETUNE}")
+    return value
+
+
 def config_file(name: str) -> str:
     """Path of a built-in config file, e.g. config_file("demo") -> .../configs/demo.py."""
     path = resources.files("dcp_jax.configs").joinpath(f"{name}.py")

@@ -15,6 +15,7 @@ import jax
 import optax
 from flax import nnx
 
+from dcp_jax import config as config_lib
 from dcp_jax import rules as rules_lib
 
 # LayerNorm / GroupNorm scales and biases, by the module names used in dcp_jax's trees (CLIP's
@@ -39,7 +40,7 @@ def finetune_rules(config) -> tuple:
         raise ValueError(f"config.clip.finetune={finetune!r}: expected one of {FINETUNE_PRESETS}")
     clip_group = {"lr_mult": float(config.optim.clip_lr_mult)}
     trained = {"qv": [IMAGE_QV], "full": [IMAGE_TOWER], "none": []}[finetune]
-    if config.clip.get("text_finetune", False):
+    if config_lib.text_finetune(config) != "none":
         trained.append(TEXT_QV)
     rules = []
     for regex in trained:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax import checkpoint as ckpt_lib
+from dcp_jax import config as config_lib
 from dcp_jax import distributed, forward, inference, runtime
 from dcp_jax import text as text_lib
 from dcp_jax.data import transforms
@@ -87,6 +88,13 @@ class Segmenter:
         text = text_lib.embed_vocabulary(self._text_model, self.tokenizer, class_names, self.config.text.templates,
                                          batch_size=self.config.text.batch_size, cache_dir=self.text_cache_dir)
         self._text_embeds = jax.device_put(jnp.asarray(text), replicated)
+        self._cost_text = self._text_embeds  # what the head's cost volume reads
+        if not self.zero_shot and config_lib.text_finetune(self.config) == "cost":
+            # The cost volume was trained on the trained text tower's embeddings; selection keeps the frozen ones.
+            trained = clip_lib.with_compute(nnx.merge(self._graphdef, self._params).clip, jnp.float32)
+            cost = text_lib.embed_vocabulary(trained, self.tokenizer, class_names, self.config.text.templates,
+                                             batch_size=self.config.text.batch_size, cache_dir=self.text_cache_dir)
+            self._cost_text = jax.device_put(jnp.asarray(cost), replicated)
         if not self.zero_shot:
             self._guidance_text = jax.device_put(self._guidance(class_names, text), replicated)
             seen = (text_lib.seen_mask(class_names, self.train_classes) if self.train_classes is not None
@@ -181,7 +189,7 @@ class Segmenter:
                                                                              ranked["dcs_dropped"])))
         selected = int(selected_per_image.max())
         k = forward.slot_bucket(selected, cap)
-        out = forward.decode(self._graphdef, self._params, features, self._text_embeds, self._guidance_text,
+        out = forward.decode(self._graphdef, self._params, features, self._cost_text, self._guidance_text,
                              ranked["slot_class"], ranked["slot_valid"], self._seen, views_per_image=per_image,
                              num_slots=k, pad_to=cap, tag_validation=False)
         # Tag validation runs on the final label map (_validate_final): each image's candidates and the

@@ -279,5 +279,19 @@ def guidance_tokens(tokenizer, class_names: Sequence[str], *, num_context: int =
     return ids[:, :length], mask[:, :length]
 
 
+def template_tokens(tokenizer, class_names: Sequence[str], templates="imagenet80", *,
+                    context_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
+    """Every class in every template, for re-encoding the cost volume's text in training
+    (clip.text_finetune = "cost"): (input_ids, attention_mask) int32 [C,P,L], cut to the longest prompt.
+    A class's first synonym only, as CAT-Seg's trained-text path."""
+    templates = _resolve_templates(templates)
+    prompts = [template.format(split_synonyms(name)[0]) for name in class_names for template in templates]
+    ids, mask = tokenize(tokenizer, prompts, context_length=context_length)
+    length = int(mask.sum(axis=1).max())
+    shape = (len(class_names), len(templates), length)
+    return ids[:, :length].reshape(shape), mask[:, :length].reshape(shape)
+
+
 __all__ = ["IMAGENET_TEMPLATES", "TEMPLATES", "default_cache_dir", "embed_texts", "embed_vocabulary",
-           "guidance_tokens", "load_tokenizer", "seen_mask", "split_synonyms", "text_fingerprint", "tokenize"]
+           "guidance_tokens", "load_tokenizer", "seen_mask", "split_synonyms", "template_tokens", "text_fingerprint",
+           "tokenize"]

@@ -173,19 +173,20 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------------
 
 def make_train_step(config, graphdef, state_shardings, num_classes: int):
-    """jit(state, batch, text_embeds, guidance_tokens) -> (state, metrics), the state kept in its shardings."""
+    """jit(state, batch, text_embeds, guidance_tokens[, cost_tokens]) -> (state, metrics), the state kept in its
+    shardings. cost_tokens: the vocabulary's template prompts (clip.text_finetune = "cost")."""
     num_slots = int(config.model.dcs.num_slots)
     trainable = optim.trainable(config)
     rows = int(config.text.finetune_rows)
 
     @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
-    def train_step(state, batch, text_embeds, guidance_tokens):
+    def train_step(state, batch, text_embeds, guidance_tokens, cost_tokens=None):
         model, optimizer = nnx.merge(graphdef, state)
 
         def loss_fn(model):
             gt = loss_lib.gt_presence(batch["label"], num_classes) if config.model.dcs.include_gt else None
             out = model(batch["image"], text_embeds, num_slots=num_slots, gt_present=gt, train=True,
-                        guidance_tokens=guidance_tokens, guidance_rows=rows)
+                        guidance_tokens=guidance_tokens, guidance_rows=rows, cost_tokens=cost_tokens)
             loss, metrics = loss_lib.dcp_loss(out, batch["label"], ignore_as_negative=config.train.ignore_as_negative)
             metrics = dict(metrics)
             for key in ("dcs_selected", "dcs_dropped", "guidance_dropped"):
@@ -282,6 +283,11 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
         tokens = text_lib.guidance_tokens(tokenizer, class_names, num_context=context,
                                           context_length=clip_config.text.max_position_embeddings)
         guidance_tokens = tuple(distributed.put(a, replicated) for a in tokens)
+    cost_tokens = None
+    if config_lib.text_finetune(config) == "cost":
+        tokens = text_lib.template_tokens(tokenizer, class_names, config.text.templates,
+                                          context_length=clip_config.text.max_position_embeddings)
+        cost_tokens = tuple(distributed.put(a, replicated) for a in tokens)
     train_step = make_train_step(config, graphdef, state_shardings, len(class_names))
     schedule = optim.learning_rate_schedule(config)
     data_sharding = distributed.batch_sharding(mesh)
@@ -308,7 +314,7 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
         with jax.set_mesh(mesh):
             for step in range(start_step + 1, config.total_steps + 1):
                 batch = pipeline.make_global_batch(next(train_iter), data_sharding)
-                state, metrics = train_step(state, batch, text_embeds, guidance_tokens)
+                state, metrics = train_step(state, batch, text_embeds, guidance_tokens, cost_tokens)
                 window_images += config.train.batch_size
                 progress.update(1)
                 is_last = step == config.total_steps

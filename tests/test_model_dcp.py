@@ -244,6 +244,51 @@ def test_prompt_parameters_change_the_logits_and_get_gradients(prompt):
     assert np.abs(np.asarray(moved) - np.asarray(logits)).max() > 1e-4
 
 
+def test_cost_text_finetune_reencodes_the_cost_volume_text_with_the_trained_tower():
+    """clip.text_finetune = "cost": the slot classes' template embeddings are re-encoded in the step by the
+    trained text tower. Given the vocabulary embedded by that same tower (embed_vocabulary), the re-encoded rows
+    are those embeddings, so the logits do not move; given another T, they do; and the text q/v get gradient
+    through the cost volume, none without the re-encoding."""
+    from dcp_jax import text as text_lib
+    from dcp_jax.models.clip import with_compute
+    from dcp_jax.models.tiny_clip import tiny_tokenizer_files
+    import tempfile
+    from pathlib import Path
+
+    config = small_config(**{"clip.text_finetune": "cost", "text.templates": "imagenet80",
+                             "model.guidance.prompt": "none"})
+    m = make_model(config)
+    names = [f"class {i}" for i in range(6)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, content in tiny_tokenizer_files(600).items():
+            Path(tmp, fname).write_text(content)
+        tokenizer = text_lib.load_tokenizer(tmp)
+        tokens = text_lib.template_tokens(tokenizer, names, "imagenet80", context_length=16)
+        trained_text = text_lib.embed_vocabulary(with_compute(m.clip, jnp.float32), tokenizer, names, "imagenet80",
+                                                 cache_dir=tmp)
+    assert tokens[0].shape[:2] == (6, 80)
+    labels = np.zeros((2, 64, 64), np.int32)
+    labels[:, 32:] = 3
+
+    def run(m, text, cost):
+        def loss_fn(m):
+            out = m(images(2, seed=23), text, num_slots=4, gt_present=loss_lib.gt_presence(labels, 6), train=True,
+                    cost_tokens=tokens if cost else None, guidance_rows=4)
+            return loss_lib.dcp_loss(out, labels)[0], out["logits"]
+        return nnx.value_and_grad(loss_fn, has_aux=True)(m)
+
+    run = fast_jit(run, static_argnames=("cost",))
+    (_, plain), plain_grads = run(m, jnp.asarray(trained_text), cost=False)
+    (_, reencoded), grads = run(m, jnp.asarray(trained_text), cost=True)
+    np.testing.assert_allclose(np.asarray(reencoded), np.asarray(plain), atol=2e-5)
+    (_, other), _ = run(m, jnp.asarray(unit_text(6, 80, 16, seed=5)), cost=True)
+    (_, other_plain), _ = run(m, jnp.asarray(unit_text(6, 80, 16, seed=5)), cost=False)
+    assert np.abs(np.asarray(other) - np.asarray(other_plain)).max() > 1e-3
+    q = "clip/text_model/encoder/layers/0/self_attn/q_proj/kernel"
+    assert np.abs(np.asarray(dict(flat_params(grads))[q].get_value())).max() > 0
+    assert np.abs(np.asarray(dict(flat_params(plain_grads))[q].get_value())).max() == 0
+
+
 def test_no_prompt_has_no_prompt_parameter():
     params = _paths(build.abstract_model(small_config(**{"model.guidance.prompt": "none"}),
                                          tiny_clip_config(SMALL_CLIP)))
@@ -340,12 +385,13 @@ def test_rules_from_the_config_replace_the_preset_and_bad_rules_are_errors():
         optim.parameter_rules(small_config(**{"clip.finetune": "qkv"}))
 
 
-def test_text_finetune_trains_exactly_the_text_qv_and_keeps_a_frozen_copy():
-    config = small_config(**{"clip.text_finetune": True})
+@pytest.mark.parametrize("mode", ["guidance", "cost", True])  # True: a config saved when the key was a bool
+def test_text_finetune_trains_exactly_the_text_qv_and_keeps_a_frozen_copy(mode):
+    config = small_config()
+    config.clip.text_finetune = str(mode) if mode is True else mode  # "True" reads as "guidance"
     everything = _paths(build.abstract_model(config, tiny_clip_config(SMALL_CLIP)))
     text_trained = {p for p in _trained(config) if p.startswith("clip/text_model")}
-    assert text_trained == {f"clip/text_model/encoder/layers/0/self_attn/{proj}/{leaf}"
-                            for proj in ("q_proj", "v_proj") for leaf in ("kernel", "bias")}
+    assert text_trained == {f"clip/text_model/encoder/layers/0/self_attn/{proj}/kernel" for proj in ("q_proj", "v_proj")}
     frozen = {p for p in everything if p.startswith("frozen_text_qv/")}
     assert frozen and not frozen & _trained(config)
 
@@ -461,7 +507,7 @@ def test_ablation_switches_build_and_run(name):
 # ----------------------------------------------------------------------------------------------- building
 def test_model_from_a_clip_checkpoint(tmp_path):
     path = write_tiny_clip(tmp_path / "clip", SMALL_CLIP, seed=4)
-    config = small_config(**{"clip.text_finetune": True})
+    config = small_config(**{"clip.text_finetune": "guidance"})
     m, clip_config, _ = build.model_from_clip_checkpoint(config, path)
     assert clip_config.vision.image_size == 64 and m.clip.config == clip_config
     from dcp_jax.models.clip import load_clip

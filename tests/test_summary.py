@@ -11,7 +11,7 @@ def _count(out: str, module: str) -> tuple[int, int]:
 
 
 def test_l14_recipe_counts_by_hand_and_the_table_ii_comparison(capsys):
-    assert summary.main(["--config", "configs/dcp_vitl14_coco_stuff.py", "--config.clip.text_finetune=true"]) == 0
+    assert summary.main(["--config", "configs/dcp_vitl14_coco_stuff.py", "--config.clip.text_finetune=guidance"]) == 0
     out = capsys.readouterr().out
     # q/v projection weights, no biases (CAT-Seg): 24 image blocks of width 1024, 12 text blocks of width 768
     assert _count(out, "clip/vision_model")[1] == 24 * 2 * 1024 * 1024

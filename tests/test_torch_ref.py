@@ -39,7 +39,7 @@ CASES = {
     # learnt context + fine-tuned text tower (frozen q/v copy), no c_k, CA only (SA = identity
     # attention), 1 decoder layer with attention features only in Q/K, plain dense, P = 80;
     # a 4x4 grid (one window covers the map: no shift) and 48 px images (resized to 32)
-    "context_ft": {"model.guidance.prompt": "context", "clip.text_finetune": True, "model.guidance.cls_logit": False,
+    "context_ft": {"model.guidance.prompt": "context", "clip.text_finetune": "guidance", "model.guidance.cls_logit": False,
                    "model.tga.self_attention": False, "model.decoder.layers": 1, "model.decoder.fuse_shallow": False,
                    "clip.dense_mode": "plain", "text.templates": "imagenet80", "clip.image_size": 32,
                    "train.crop_size": 48},

@@ -141,8 +141,10 @@ def test_demo_config_runs_a_few_steps_and_evaluates(tmp_path, toy_clip_checkpoin
     assert "| DCP-CLIP, step 2 |" in out and "| zero-shot CLIP |" in out
 
 
-@pytest.mark.parametrize("overrides", [{"model.guidance.prompt": "context", "clip.text_finetune": True},
-                                       {"model.guidance.prompt": "none"}], ids=["context_text_finetune", "no_prompt"])
+@pytest.mark.parametrize("overrides", [{"model.guidance.prompt": "context", "clip.text_finetune": "guidance"},
+                                       {"clip.text_finetune": "cost", "text.templates": "imagenet80"},
+                                       {"model.guidance.prompt": "none"}],
+                         ids=["context_text_finetune", "cost_text_finetune", "no_prompt"])
 def test_guidance_variants_train_and_evaluate(data_dir, tmp_path, overrides):
     """Each textual-guidance variant through the trainer (slots' text re-encoded in the step) and evaluation
     (the vocabulary's guidance re-encoded once; the cost volume from the frozen text q/v)."""
@@ -298,7 +300,7 @@ def test_optimizer_lr_groups_weight_decay_and_freezing(tmp_path):
     config = tiny.get_config()
     config.optim.schedule = "constant"
     config.optim.grad_clip_norm = 0.0  # unclipped, so Adam's first step is exactly lr-sized
-    config.clip.text_finetune = True
+    config.clip.text_finetune = "guidance"
     clip_dir = write_tiny_clip(tmp_path / "clip", config.clip.tiny.to_dict(), seed=0)
     model, _, _ = build.model_from_clip_checkpoint(config, clip_dir)
     optimizer = optim.make_optimizer(config, model)

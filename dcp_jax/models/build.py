@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dcp_jax import config as config_lib
 from dcp_jax import distributed
 from dcp_jax import rules as rules_lib
 from dcp_jax.models import clip as clip_lib
@@ -155,7 +156,7 @@ def create_model(config, clip_config: CLIPConfig | None = None, *, mesh=None,
     if clip_params is not None:
         _check_clip_params(clip_params, clip_config)
         given = {f"clip/{name}": value for name, value in clip_params.items()}
-        if config.clip.get("text_finetune", False):  # the frozen copy starts as the pretrained text q/v
+        if config_lib.text_finetune(config) != "none":  # the frozen copy starts as the pretrained text q/v
             for name, value in clip_params.items():
                 parts = name.split("/")
                 if parts[:3] == ["text_model", "encoder", "layers"] and parts[4] == "self_attn" and \

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from dcp_jax import config as config_lib
 from dcp_jax.models import compute, selection
 from dcp_jax.models.alignment import TextGuidedAlignment
 from dcp_jax.models.clip import CLIPConfig, CLIPModel, normalize_pixels, with_compute
@@ -63,7 +64,7 @@ def compute_options(config: ConfigDict) -> dict:
 
 def reencodes_text(config: ConfigDict) -> bool:
     """Whether the guidance text is re-encoded by the text tower (a learnt context or text fine-tuning)."""
-    return config.model.guidance.prompt == "context" or bool(config.clip.get("text_finetune", False))
+    return config.model.guidance.prompt == "context" or config_lib.text_finetune(config) != "none"
 
 
 def _check_config(config: ConfigDict, clip_config: CLIPConfig) -> None:
@@ -132,7 +133,7 @@ class DCPCLIP(nnx.Module):
 
         options = compute_options(config)
         self.clip = CLIPModel(clip_config, dtype=dtype, rngs=rngs, **options)
-        if config.clip.get("text_finetune", False):
+        if config_lib.text_finetune(config) != "none":
             # The pretrained text q/v, kept frozen: DCS and the cost volume use the template embeddings
             # of the frozen tower for any vocabulary (MODEL.md section 1).
             self.frozen_text_qv = FrozenTextQV(clip_config.text, rngs=rngs)
@@ -258,6 +259,7 @@ class DCPCLIP(nnx.Module):
         seen: jax.Array | None = None,
         guidance_tokens: tuple[jax.Array, jax.Array] | None = None,
         guidance_rows: int = 0,
+        cost_tokens: tuple[jax.Array, jax.Array] | None = None,
         train: bool = False,
     ) -> dict[str, jax.Array]:
         """Segment `images` [B,S,S,3] (0..255) against the vocabulary `text_embeds` T [C,P,D] (unit vectors).
@@ -266,7 +268,9 @@ class DCPCLIP(nnx.Module):
         label (training, dcs.include_gt). seen [C] bool: training-vocabulary classes (tag validation, when
         not `train`). guidance_tokens (input_ids, attention_mask) [C,L]: the vocabulary's single-template
         prompts; given, the classes in the batch's slots (at most `guidance_rows` of them, lowest slots
-        first) are re-encoded by the text tower for the guidance, the others keep T_bar.
+        first) are re-encoded by the text tower for the guidance, the others keep T_bar. cost_tokens
+        (input_ids, attention_mask) [C,P,L] (clip.text_finetune = "cost"): the same classes' P template
+        prompts are re-encoded for the cost volume too; selection keeps `text_embeds`.
 
         Returns logits [B,K,h,w] (h = grid * 2**decoder.layers), slot_class int32 [B,K] (after TV),
         slot_valid bool [B,K], dcs_selected / dcs_dropped / guidance_dropped int32 [B], and for inspection
@@ -282,6 +286,8 @@ class DCPCLIP(nnx.Module):
         if guidance_tokens is not None:
             guidance_text, guidance_dropped = self._reencode_slots(text_bar, slot_class, slot_valid,
                                                                    guidance_tokens, guidance_rows)
+        if cost_tokens is not None:
+            text_embeds = self._reencode_cost_text(text_embeds, slot_class, slot_valid, cost_tokens, guidance_rows)
         logits = self.decode(features, text_embeds, slot_class, slot_valid, guidance_text)
         final_class, relabelled = slot_class, jnp.zeros_like(slot_valid)
         if not train and seen is not None:
@@ -298,23 +304,39 @@ class DCPCLIP(nnx.Module):
             "p_img": dcs["p_img"],
         }
 
-    def _reencode_slots(self, text_bar, slot_class, slot_valid, tokens, rows: int):
-        """text_bar [C,D] with the rows of the batch's slot classes re-encoded (a static number of rows).
-
-        The union of the valid slot classes is taken in slot order (highest DCS priority first); unused
-        rows encode class 0 and are discarded; classes beyond `rows` keep T_bar and are counted.
-        """
-        num_classes = text_bar.shape[0]
-        rows = min(int(rows) or num_classes, num_classes)
+    @staticmethod
+    def _slot_union(slot_class, slot_valid, num_classes: int, rows: int):
+        """The batch's distinct valid slot classes in slot order (highest DCS priority first), a static
+        `rows` of them: (classes [rows] (0 where unused), present [rows] bool, dropped: classes beyond rows)."""
         flat = jnp.where(slot_valid, slot_class, num_classes).T.reshape(-1)  # slot-major: best slots first
         never = flat.size
         first_seen = jnp.full(num_classes + 1, never, jnp.int32).at[flat].min(jnp.arange(never, dtype=jnp.int32))
         first_seen = first_seen.at[num_classes].set(never)  # the invalid-slot sentinel is no class
         union = jnp.argsort(first_seen, stable=True)[:rows]  # classes in order of first appearance
         present = first_seen[union] < never
-        ids, mask = (jnp.asarray(t) for t in tokens)
-        rows_index = jnp.where(present, union, 0)
-        encoded = self.encode_guidance_text(ids[rows_index], mask[rows_index])
-        guidance = text_bar.at[jnp.where(present, union, num_classes)].set(encoded, mode="drop")
         dropped = jnp.maximum(jnp.sum(first_seen < never) - rows, 0).astype(jnp.int32)
+        return jnp.where(present, union, 0), present, dropped
+
+    def _reencode_slots(self, text_bar, slot_class, slot_valid, tokens, rows: int):
+        """text_bar [C,D] with the rows of the batch's slot classes re-encoded (a static number of rows);
+        unused rows encode class 0 and are discarded; classes beyond `rows` keep T_bar and are counted."""
+        num_classes = text_bar.shape[0]
+        rows = min(int(rows) or num_classes, num_classes)
+        classes, present, dropped = self._slot_union(slot_class, slot_valid, num_classes, rows)
+        ids, mask = (jnp.asarray(t) for t in tokens)
+        encoded = self.encode_guidance_text(ids[classes], mask[classes])
+        guidance = text_bar.at[jnp.where(present, classes, num_classes)].set(encoded, mode="drop")
         return guidance, jnp.broadcast_to(dropped, slot_class.shape[:1])
+
+    def _reencode_cost_text(self, text_embeds, slot_class, slot_valid, tokens, rows: int):
+        """T [C,P,D] with the batch's slot classes (the same rows as the guidance) re-encoded in every
+        template by the trained text tower: CAT-Seg's cost volume follows its text training."""
+        num_classes, p, d = text_embeds.shape
+        rows = min(int(rows) or num_classes, num_classes)
+        classes, present, _ = self._slot_union(slot_class, slot_valid, num_classes, rows)
+        ids, mask = (jnp.asarray(t) for t in tokens)
+        length = ids.shape[-1]
+        encoded = self.clip.get_text_features(ids[classes].reshape(rows * p, length),
+                                              mask[classes].reshape(rows * p, length))
+        encoded = selection.l2_normalize(encoded.astype(jnp.float32)).reshape(rows, p, d)
+        return text_embeds.at[jnp.where(present, classes, num_classes)].set(encoded, mode="drop")

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcp_jax import config as config_lib
+
 LN_EPS = 1e-5  # the flax head builds every LayerNorm / GroupNorm with PyTorch's default eps
 NUM_TEMPLATES = {"imagenet80": 80, "single": 1}  # P per config.text.templates (dcp_jax.models.dcp)
 
@@ -391,7 +393,7 @@ class DCPHead(nn.Module):
         if m.guidance.prompt not in ("tokens", "context", "none"):
             raise ValueError(f"config.model.guidance.prompt={m.guidance.prompt!r}: expected tokens, context or none")
         self.num_templates = NUM_TEMPLATES[config.text.templates]
-        if config.clip.get("text_finetune", False):
+        if config_lib.text_finetune(config) != "none":
             self.frozen_text_qv = FrozenTextQV(text_width, text_layers)
         if m.guidance.prompt == "context":  # CoOp context vectors in the text tower's token space
             self.text_context = nn.Parameter(torch.zeros(m.guidance.prompt_tokens, text_width))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcp_jax import config as config_lib
 from dcp_jax.torch_ref.head import DCPHead, l2_normalize
 
 CLIP_DIR, HEAD_FILE, CONFIG_FILE = "clip", "dcp_head.safetensors", "config.json"  # dcp_jax.export's names
@@ -173,7 +174,8 @@ class TorchDCP(nn.Module):
             raise ValueError(f"config.clip.dense_mode={self.dense_mode!r}: expected 'catseg' or 'plain'")
         self.theta = float(config.model.dcs.theta)
         self.tv_enabled, self.tv_k = bool(config.model.tv.enabled), int(config.model.tv.k)
-        self.reencodes_text = config.model.guidance.prompt == "context" or bool(config.clip.get("text_finetune", False))
+        self.reencodes_text = (config.model.guidance.prompt == "context"
+                               or config_lib.text_finetune(config) != "none")
         self.head = DCPHead(config, clip_dim=int(clip.config.projection_dim), vision_width=int(vc.hidden_size),
                             grid=self.grid, text_width=int(tc.hidden_size), text_layers=int(tc.num_hidden_layers))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN), persistent=False)
