@@ -410,3 +410,46 @@ def test_errors_are_one_line(tmp_path):
         with pytest.raises(DatasetError) as info:
             open_dataset(*args)
         assert "\n" not in str(info.value)
+
+
+def _png_rgb16(path, rgb: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG written by hand (PIL cannot write one): IHDR bit depth 16, colour type 2."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per scanline
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_images_of_any_bit_depth_become_8_bit_rgb_by_their_real_range(tmp_path):
+    """16-bit grey, 16-bit RGB, float32 (0..1 and any range) and 1-bit images against numpy references; PIL's
+    convert("RGB") alone turned the 16-bit and float ones white or black."""
+    from dcp_jax.data.datasets import read_image
+
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "grey16.png"),
+                                  np.repeat(np.rint(grey16 / 257.0).astype(np.uint8)[..., None], 3, -1))
+
+    rgb16 = rng.integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+    _png_rgb16(tmp_path / "rgb16.png", rgb16)
+    got = read_image(tmp_path / "rgb16.png").astype(int)
+    assert np.abs(got - np.rint(rgb16 / 257.0)).max() <= 1  # PIL keeps the high byte: v // 256
+
+    unit = rng.uniform(0, 1, (5, 7)).astype(np.float32)
+    Image.fromarray(unit).save(tmp_path / "unit.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "unit.tif")[..., 0], np.rint(unit * 255.0).astype(np.uint8))
+    wide = rng.uniform(-2, 6, (5, 7)).astype(np.float32)
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    want = np.rint((wide.astype(np.float64) - wide.min()) / (wide.max() - wide.min()) * 255.0).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / "wide.tif")[..., 1], want)
+
+    bits = rng.integers(0, 2, (5, 7)).astype(bool)
+    Image.fromarray(bits).convert("1").save(tmp_path / "bits.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "bits.png")[..., 2], np.where(bits, 255, 0).astype(np.uint8))

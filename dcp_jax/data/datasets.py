@@ -120,15 +120,37 @@ def _open(source):
     return Image.open(io.BytesIO(source) if isinstance(source, (bytes, memoryview)) else source)
 
 
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """A PIL image of any mode -> uint8 [H, W, 3] RGB, scaled by its real range as viewers display it.
+
+    PIL's convert("RGB") clips 16-bit and 32-bit integer images at 255 and float images at 0..255 (a 16-bit
+    photo turns white). Here integer images are scaled by their type's range (16-bit: v / 257; 32-bit
+    integers holding 16-bit data likewise, otherwise by their maximum), float images from 0..1 when their
+    values lie there, else from their min..max. 1-bit, palette, grey, RGBA, CMYK and 16-bit-per-channel
+    PNGs (which PIL reads as 8-bit RGB) go through convert("RGB").
+    """
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(im).astype(np.float64)
+        if im.mode == "F":
+            low, high = (0.0, 1.0) if values.size and values.min() >= 0 and values.max() <= 1 else \
+                (float(values.min(initial=0.0)), float(values.max(initial=1.0)))
+        else:
+            low, high = 0.0, 65535.0 if im.mode != "I" or values.max(initial=0) <= 65535 else float(values.max())
+        scaled = np.clip((values - low) / max(high - low, 1e-12) * 255.0, 0, 255)
+        grey = np.rint(scaled).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
+
+
 def read_image(source, what: str | None = None) -> np.ndarray:
-    """Decode an image (a path or encoded bytes) to uint8 [H, W, 3] RGB.
+    """Decode an image (a path or encoded bytes) to uint8 [H, W, 3] RGB (`to_rgb8`: any bit depth).
 
     Corrupt or truncated data raise DatasetError naming `what` (default: the path).
     """
     try:
         with _open(source) as im:
             im = ImageOps.exif_transpose(im)  # detectron2's read_image applies EXIF orientation too
-            return np.asarray(im.convert("RGB"))
+            return to_rgb8(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # PIL raises OSError for unidentified or truncated files, SyntaxError/ValueError for some broken headers.
         raise DatasetError(f"cannot read image {what or source}: {e}; the file is corrupt or truncated, "
