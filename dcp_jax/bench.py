@@ -356,6 +356,12 @@ def run(cmd, args) -> None:
     from tqdm import tqdm
 
     thetas = [float(t) for t in args.thetas.split(",") if t.strip()]
+    if not thetas or any(not 0.0 <= t <= 1.0 for t in thetas):
+        raise ValueError(f"--thetas {args.thetas}: give thresholds between 0 and 1 (0 decodes every class)")
+    if args.runs < 1:
+        raise ValueError(f"--runs {args.runs}: at least 1 timed run")
+    if not args.workdir and any(int(c) < 1 for c in args["vocab-sizes"].value.split(",") if c.strip()):
+        raise ValueError(f"--vocab-sizes {args['vocab-sizes'].value}: every vocabulary size must be >= 1")
     runtime.start(cmd.config(args.workdir) if args.workdir else cmd.config())
     if args.workdir:
         if not args.dataset:

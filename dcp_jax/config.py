@@ -30,6 +30,34 @@ def text_finetune(config) -> str:
     return value
 
 
+# Numeric keys and their allowed ranges (low, high; None = unbounded), checked at start-up by every
+# command (runtime.start): a value out of range is a one-line error instead of a silent nonsense run.
+RANGES = {
+    "total_steps": (1, None), "log_every_steps": (1, None), "checkpoint_every_steps": (1, None),
+    "eval_every_steps": (0, None), "keep_checkpoints": (1, None), "train.batch_size": (1, None),
+    "train.crop_size": (1, None), "train.num_workers": (0, None), "text.batch_size": (1, None),
+    "text.finetune_rows": (0, None), "model.dcs.theta": (0.0, 1.0), "model.dcs.num_slots": (0, None),
+    "model.tv.k": (1, None), "mesh.fsdp": (1, None), "mesh.min_shard_size": (0, None), "eval.batch_size": (1, None),
+    "eval.num_slots": (0, None), "eval.max_images": (0, None), "eval.during_training_images": (0, None),
+    "eval.short_side": (1, None), "optim.lr": (0.0, None), "optim.grad_clip_norm": (0.0, None),
+}
+
+
+def check_ranges(config) -> None:
+    """Raise ValueError naming the first key of RANGES whose value is out of its range (absent keys pass)."""
+    for key, (low, high) in RANGES.items():
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                break
+        if node is None or isinstance(node, bool) or not isinstance(node, (int, float)):
+            continue
+        if (low is not None and node < low) or (high is not None and node > high):
+            allowed = f">= {low}" if high is None else f"between {low} and {high}"
+            raise ValueError(f"config.{key}={node!r}: must be {allowed}")
+
+
 def config_file(name: str) -> str:
     """Path of a built-in config file, e.g. config_file("demo") -> .../configs/demo.py."""
     path = resources.files("dcp_jax.configs").joinpath(f"{name}.py")

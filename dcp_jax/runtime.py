@@ -51,7 +51,11 @@ def enable_compilation_cache() -> None:
 
 
 def start(config=None, *, require_backend: str | None = None, log: bool = True) -> None:
-    """Cache, multi-host job, backend line and check. `require_backend` defaults to config.require_backend."""
+    """Config ranges, cache, multi-host job, backend line and check. `require_backend` defaults to
+    config.require_backend."""
+    if config is not None:
+        from dcp_jax import config as config_lib
+        config_lib.check_ranges(config)
     enable_compilation_cache()
     distributed.initialize()
     if require_backend is None:
