@@ -18,6 +18,7 @@ labels. The workdir's config applies, with any --config.KEY=VALUE overrides (e.g
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,12 +41,24 @@ def read_classes(classes: str | None, classes_file: str | None) -> list[str]:
         path = Path(classes_file)
         if not path.is_file():
             raise FileNotFoundError(f"--classes-file {path} not found")
-        text = path.read_text()
-        names = json.loads(text) if text.lstrip().startswith("[") else text.splitlines()
-        names = [str(c).strip() for c in names]
+        try:
+            text = path.read_text()
+            names = json.loads(text) if text.lstrip().startswith("[") else text.splitlines()
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--classes-file {path} is neither a JSON list of names nor text with one name per line "
+                             f"({type(e).__name__}: {e})") from None
+        bad = [c for c in names if not isinstance(c, str)]
+        if bad:
+            raise ValueError(f"--classes-file {path}: entries that are not class names: {bad[:5]}; give strings")
+        names = [c.strip() for c in names]
     names = [c for c in names if c]
     if not names:
         raise ValueError("the class list is empty: give at least one class name")
+    keys = [" ".join(c.lower().split()) for c in names]
+    repeated = sorted({names[i] for i, k in enumerate(keys) if keys.count(k) > 1})
+    if repeated:  # two slots of one class would split its pixels between them
+        raise ValueError(f"the class list names a class more than once (ignoring case and spaces): {repeated}; "
+                         "give each class once")
     return names
 
 
@@ -64,6 +77,24 @@ def list_images(image: str) -> list[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file or directory")
     return [path]
+
+
+def check_out_dir(out_dir: Path, paths: list[Path]) -> None:
+    """Refuse an output folder that holds the input images (outputs named by stem would mix with them and
+    could overwrite a user's file), and one that cannot be written, before any inference (nothing is created)."""
+    out = out_dir.expanduser().resolve()
+    if any(p.resolve().parent == out for p in paths):
+        raise ValueError(f"--out-dir {out_dir} is the folder of the input images: the outputs "
+                         "(<stem>_labels.png, <stem>_overlay.png, <stem>.json) would mix with them and could "
+                         "overwrite your files; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file; choose a directory")
+    existing = out
+    while not existing.exists():  # the folder that will hold it, once created
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out-dir {out_dir} cannot be written ({existing} is not a writable directory); "
+                         "choose a writable directory")
 
 
 def predict_files(segmenter: Segmenter, paths: list[Path], class_names: list[str], out_dir: Path
@@ -110,6 +141,7 @@ def main(argv=None) -> int:
     def body():
         class_names = read_classes(args.classes, args["classes-file"].value)
         paths = list_images(args.image)
+        check_out_dir(Path(args["out-dir"].value), paths)
         if not (args["zero-shot"].value or args.workdir):
             raise ValueError("give --workdir (a trained run) or --zero-shot CLIP_DIR")
         config = cmd.config() if args["zero-shot"].value else cmd.config(args.workdir)

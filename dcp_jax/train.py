@@ -223,8 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
-    if distributed.is_primary():
-        ckpt_lib.save_config(workdir, config)
     mesh = distributed.make_mesh(config.mesh.fsdp, devices)
     if config.train.batch_size % mesh.devices.size:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
@@ -234,14 +232,10 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
     maybe_write_synthetic(config, workdir)
     train_ds = datasets_lib.open_dataset(config.train.dataset, "train", config.train.data_root or None)
     class_names = list(train_ds.class_names)
-    if distributed.is_primary():
-        ckpt_lib.save_train_classes(workdir, class_names)
 
     # --- CLIP, text embeddings, model, optimizer ---
     clip_path = clip_checkpoint_path(config, workdir, create=True)
     model, clip_config, clip_params = build.model_from_clip_checkpoint(config, clip_path, mesh=mesh)
-    if distributed.is_primary():
-        ckpt_lib.save_inference_assets(workdir, clip_path, clip_config)
     tokenizer = text_lib.load_tokenizer(clip_path)
     # The (frozen) template embeddings, once, in float32, from a copy of the pretrained CLIP on this host
     # (whatever the model's sharding across hosts and compute dtype).
@@ -263,6 +257,13 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
         data_position = int(meta.get("data_position", start_step * config.train.batch_size))
         _say(f"resumed from {checkpointer.directory / str(latest)} at step {start_step} "
              f"(data position {data_position}, {jax.process_count()} process(es))")
+    # Only now, with the checkpoint (if any) restored into this config's model, are the workdir's config,
+    # vocabulary and inference assets written: a config that does not fit a trained workdir fails above
+    # and leaves every file of it as it was.
+    if distributed.is_primary():
+        ckpt_lib.save_config(workdir, config)
+        ckpt_lib.save_train_classes(workdir, class_names)
+        ckpt_lib.save_inference_assets(workdir, clip_path, clip_config)
     train_iter = iter(pipeline.train_dataset(
         train_ds, crop_size=config.train.crop_size, global_batch_size=config.train.batch_size,
         seed=config.seed, num_workers=config.train.num_workers, skip_bad_samples=config.train.skip_bad_samples,

@@ -1,6 +1,7 @@
 """`python -m dcp_jax.predict` and the `Segmenter` Python API on a trained tiny workdir."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -144,7 +145,9 @@ def test_class_lists(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty_classes", "empty_classes_file", "missing_classes_file", "missing_image",
-                                  "no_images_in_dir", "no_checkpoints"])
+                                  "no_images_in_dir", "no_checkpoints", "duplicate_classes", "non_string_classes",
+                                  "binary_classes_file", "out_dir_is_the_image_folder", "out_dir_is_a_file",
+                                  "out_dir_read_only"])
 def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
     workdir, data_dir = run
     image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
@@ -156,6 +159,12 @@ def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
         "missing_image": "no such file or directory",
         "no_images_in_dir": "contains no images",
         "no_checkpoints": "no checkpoints in workdir",
+        "duplicate_classes": "names a class more than once (ignoring case and spaces): ['Snow', 'snow']",
+        "non_string_classes": "entries that are not class names: [1, None, {'a': 1}]",
+        "binary_classes_file": "is neither a JSON list of names nor text with one name per line",
+        "out_dir_is_the_image_folder": "is the folder of the input images",
+        "out_dir_is_a_file": "is a file; choose a directory",
+        "out_dir_read_only": "cannot be written",
     }[case]
     if case == "empty_classes":
         args["--classes"] = " , ,"
@@ -171,11 +180,40 @@ def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
     elif case == "no_checkpoints":
         (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
         args["--workdir"] = tmp_path
+    elif case == "duplicate_classes":
+        args["--classes"] = "snow, snow, Snow , sky"
+    elif case in ("non_string_classes", "binary_classes_file"):
+        del args["--classes"]
+        args["--classes-file"] = tmp_path / "classes.json"
+        if case == "non_string_classes":
+            args["--classes-file"].write_text('["sky", 1, null, {"a": 1}]')
+        else:
+            args["--classes-file"].write_bytes(b"\xff\xfe\x00\x81binary")
+    elif case == "out_dir_is_the_image_folder":
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        (folder / "photo.png").write_bytes(image.read_bytes())
+        (folder / "photo_overlay.png").write_bytes(b"the user's own file")
+        args["--image"], args["--out-dir"] = folder, folder
+        before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    elif case == "out_dir_is_a_file":
+        args["--out-dir"] = tmp_path / "out"
+        args["--out-dir"].write_text("a file")
+    elif case == "out_dir_read_only":
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        args["--out-dir"] = locked / "out"
+        if os.access(locked, os.W_OK):  # root ignores permissions
+            pytest.skip("running as a user who can write anywhere")
     code, _, err = run_predict(capsys, *[x for kv in args.items() for x in kv])
     assert code == 2
     assert err.startswith("python -m dcp_jax.predict: error: ") and expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
+    if case == "out_dir_is_the_image_folder":  # the user's files byte for byte
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    elif case != "out_dir_is_a_file":
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_model_is_required(run, tmp_path, capsys):

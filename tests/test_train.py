@@ -100,6 +100,17 @@ def test_a_damaged_checkpoint_is_reported_not_replaced(data_dir, tmp_path):
     assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [1]
 
 
+def test_a_config_that_does_not_fit_a_trained_workdir_changes_none_of_its_files(data_dir, tmp_path):
+    """Another model shape on a trained workdir: the restore fails, naming the checkpoint, before config.json,
+    clip_config.json or the vocabulary are written, so the workdir still predicts as before."""
+    train.train_and_evaluate(tiny_run_config(data_dir, total_steps=1), tmp_path)
+    before = {f.relative_to(tmp_path): f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    with pytest.raises(ckpt_lib.CheckpointError, match="could not be restored"):
+        train.train_and_evaluate(tiny_run_config(data_dir, total_steps=2, **{"model.hidden_dim": 16}), tmp_path)
+    after = {f.relative_to(tmp_path): f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    assert after == before
+
+
 def test_non_finite_loss_stops_naming_the_step(data_dir, tmp_path, monkeypatch):
     real_loss = train.loss_lib.dcp_loss
 
