@@ -14,6 +14,8 @@ also gets mIoU on its seen and unseen classes and their harmonic mean, hIoU.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,10 +140,28 @@ def evaluate_datasets(segmenter: Segmenter, specs: list[str], *, workdir: Path, 
                       command=command or " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
         results[result["dataset"]] = result
         if distributed.is_primary():
-            files.write_json(Path(out_dir) / f"{result['dataset']}.json", result)
+            write_result(Path(out_dir) / f"{result['dataset']}.json", result)
     if distributed.is_primary() and print_table:
         print(format_table({str(step): results}))
     return results
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a dataset's result JSON. A result already there for another dataset spec that carries the same
+    name (two folders whose meta.json say "name": "x") is kept as <name>.<n>.json, with a line that says so."""
+    if path.exists():
+        try:
+            previous_spec = json.loads(path.read_text()).get("spec")
+        except (OSError, ValueError, AttributeError):
+            previous_spec = None
+        if previous_spec != result["spec"]:
+            n = 1
+            while (kept := path.with_name(f"{path.stem}.{n}.json")).exists():
+                n += 1
+            os.replace(path, kept)
+            print(f"[dcp_jax.evaluate] {path} held the result of another dataset ({previous_spec}); kept as {kept}",
+                  file=sys.stderr)
+    files.write_json(path, result)
 
 
 def parse_specs(datasets: str) -> list[str]:

@@ -357,3 +357,15 @@ def test_classes_beyond_the_slot_cap_are_counted_and_warned_about(run, capsys):
     uncapped = evaluate.evaluate_dataset(segmenter, f"folder:{data_dir}")
     assert uncapped["dropped_classes_mean"] == 0 and uncapped["images_with_dropped_classes"] == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_result_of_another_dataset_with_the_same_name_is_kept(tmp_path, capsys):
+    """Two folders whose meta.json carry one name: the second evaluation keeps the first one's JSON beside it."""
+    path = tmp_path / "toy_world.json"
+    evaluate.write_result(path, {"spec": "folder:/a", "mIoU": 50.0, "num_images": 100})
+    evaluate.write_result(path, {"spec": "folder:/a", "mIoU": 51.0, "num_images": 100})  # same data: replaced
+    assert not (tmp_path / "toy_world.1.json").exists() and capsys.readouterr().err == ""
+    evaluate.write_result(path, {"spec": "folder:/b", "mIoU": 20.0, "num_images": 6})
+    assert json.loads((tmp_path / "toy_world.1.json").read_text())["num_images"] == 100
+    assert json.loads(path.read_text())["spec"] == "folder:/b"
+    assert "held the result of another dataset (folder:/a); kept as" in capsys.readouterr().err
