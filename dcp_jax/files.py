@@ -3,8 +3,10 @@
 Every file the project writes for a user (configs, checkpoints' side files, predictions, prepared
 datasets, caches, exports) goes through `atomic_write`: the content goes to a hidden temporary file
 in the same directory, which is then renamed over the target (an atomic step on POSIX), so a crash
-or Ctrl-C leaves either the old file or the new one. No jax import here: data-preparation worker
-processes use this module too.
+or Ctrl-C leaves either the old file or the new one. A temporary name carries its host and process
+id (`.NAME.<host>-<pid>.<random>.tmp`); one that a killed process (SIGKILL, power loss) left behind is
+removed by the next write of the same NAME on that host (`_remove_stale`). No jax import here:
+data-preparation worker processes use this module too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,11 +31,46 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp creates 0600
 
 
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files and directories of earlier writes of `path` whose process (on this host)
+    no longer exists: what a SIGKILL in the middle of a write leaves behind."""
+    start = f".{path.name}.{_HOST}-"
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            if not (entry.name.startswith(start) and entry.name.endswith((".tmp", ".old"))):
+                continue
+            pid = entry.name[len(start):].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) with a temporary path next to `path`, then rename tmp over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -74,11 +112,12 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)
