@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -254,7 +255,11 @@ def embed_vocabulary(model, tokenizer, class_names: Sequence[str], templates="im
         with open(tmp, "wb") as f:
             np.save(f, T)
 
-    files.atomic_write(cache_file, save)
+    try:
+        files.atomic_write(cache_file, save)
+    except OSError as e:  # a read-only or full cache: the embeddings are still right, only not kept
+        print(f"[dcp_jax] note: text embeddings not cached ({cache_file.parent}: {e.strerror}); set "
+              "DCP_JAX_CACHE to a writable directory to keep them", file=sys.stderr)
     return T
 
 

@@ -112,6 +112,16 @@ def test_embed_vocabulary_batch_size_does_not_change_results(tiny, tmp_path):
     np.testing.assert_allclose(small, large, rtol=0, atol=1e-6)
 
 
+def test_an_unwritable_cache_is_skipped_with_a_note(tiny, tmp_path, capsys):
+    """A cache that cannot be written (here its parent is a file) gives the same embeddings and a note, not a
+    traceback."""
+    args = (tiny["model"], tiny["tokenizer"], ["tree", "grass"], "single")
+    (tmp_path / "not_a_dir").write_text("a file")
+    got = text.embed_vocabulary(*args, cache_dir=tmp_path / "not_a_dir" / "cache")
+    np.testing.assert_array_equal(got, text.embed_vocabulary(*args, cache_dir=tmp_path / "ok"))
+    assert "text embeddings not cached" in capsys.readouterr().err
+
+
 def test_embedding_cache_hit_and_invalidation(tiny, tmp_path, monkeypatch):
     calls = []
     real = text.embed_texts
