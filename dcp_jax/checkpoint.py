@@ -210,9 +210,11 @@ class Checkpointer:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax raises many types for damaged files
+            detail = " ".join(str(e).split())  # one line: orbax's messages embed multi-line TensorStore specs
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} exists but could not be restored "
-                f"({type(e).__name__}: {str(e)[:500]}). It was left untouched. If it is damaged, "
+                f"({type(e).__name__}: {detail}). It was left untouched. If it is damaged, "
                 "move it out of the way to resume from an earlier step, or restore another step "
                 "explicitly; if the config changed, the model no longer matches the checkpoint.") from e
 
