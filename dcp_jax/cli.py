@@ -32,6 +32,39 @@ def user_errors() -> tuple[type[BaseException], ...]:
             checkpoint.WorkdirLockedError, runtime.BackendError, flags.Error)
 
 
+def _given_config(argv: Sequence[str]) -> str | None:
+    """The value of --config on a command line (None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _check_config_file(prog: str, value: str | None) -> None:
+    """A --config that is not a Python config file: one line naming it (ml_collections would say only
+    "an earlier failure to load", or show the file's syntax error)."""
+    if value is None:
+        return
+    path = Path(value.split(":", 1)[0]).expanduser()
+    problem = ("no such file" if not path.exists() else "not a file" if not path.is_file()
+               else "not a Python config file (configs/X.py with get_config)" if path.suffix != ".py" else None)
+    if problem:
+        print(f"{prog}: error: --config {value}: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _last_line(error: BaseException) -> str:
+    """A flags error whose text holds a whole traceback (a config file's get_config raised): its last line,
+    the exception that says what is wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") or "Traceback (most recent call last)" in line
+           for line in lines):
+        return lines[-1]
+    return " ".join(str(error).split())
+
+
 class Command:
     """One invocation's flags: `cmd = Command(prog, doc, argv, config=...)`, define flags on `cmd.flags`,
     then `cmd.parse()`."""
@@ -43,6 +76,7 @@ class Command:
         self.flags = flags.FlagValues()
         self.has_config = config is not None
         if self.has_config:
+            _check_config_file(prog, _given_config(self.argv[1:]))
             try:  # the config file is loaded and the --config.KEY overrides checked right here
                 config_flags.DEFINE_config_file("config", config, config_help, flag_values=self.flags,
                                                 lock_config=True, sys_argv=self.argv)
@@ -61,7 +95,7 @@ class Command:
             if self.has_config:
                 self.flags.config.keys()  # a config file that failed to load raises on first use
         except (flags.Error, ValueError, OSError) as e:  # config files fail to load with these
-            print(f"{self.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"{self.prog}: error: {_last_line(e)}", file=sys.stderr)
             raise SystemExit(EXIT_USAGE) from None
         if len(rest) > 1:
             print(f"{self.prog}: error: unexpected arguments {rest[1:]}", file=sys.stderr)

@@ -46,3 +46,16 @@ def test_out_of_range_values_stop_evaluate_and_predict(tmp_path, capsys):
 ])
 def test_bench_rejects_meaningless_sweeps(tmp_path, capsys, args, needle):
     _one_line_error(capsys, bench.main(["--config", "configs/tiny.py", "--out", str(tmp_path), *args]), needle)
+
+
+@pytest.mark.parametrize("config, needle", [
+    ("/nowhere/x.py", "--config /nowhere/x.py: no such file"),
+    ("README.md", "--config README.md: not a Python config file"),
+    ("configs", "--config configs: not a file"),
+    ("configs/tiny.py:bogus=1", "config arg 'bogus': unknown; known keys are ['templates', 'num_slots']"),
+])
+def test_a_bad_config_file_is_named_on_one_line(tmp_path, capsys, config, needle):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--workdir", str(tmp_path / "w"), "--config", config])
+    line = _one_line_error(capsys, exit_.value.code, needle)
+    assert "Traceback" not in line and not (tmp_path / "w").exists()
