@@ -28,8 +28,9 @@ EXIT_USAGE = 2
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: shown as one line."""
     from dcp_jax import checkpoint, runtime
-    return (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, checkpoint.CheckpointError,
-            checkpoint.WorkdirLockedError, runtime.BackendError, flags.Error)
+    return (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, checkpoint.CheckpointError, checkpoint.WorkdirLockedError, runtime.BackendError,
+            flags.Error)
 
 
 def _given_config(argv: Sequence[str]) -> str | None:

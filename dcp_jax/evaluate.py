@@ -222,6 +222,7 @@ def main(argv=None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             segmenter = Segmenter.from_workdir(workdir, config, args.checkpoint)
+        files.check_writable_dir(workdir / ckpt_lib.EVAL_DIR, "the results folder")  # before any evaluation
         command = "python -m dcp_jax.evaluate " + " ".join(cmd.argv[1:])
         evaluate_datasets(segmenter, parse_specs(config.eval.datasets), workdir=workdir, step=segmenter.step,
                           command=command, data_root=config.eval.data_root or None, max_images=config.eval.max_images)

@@ -96,6 +96,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Raise ValueError naming `what` unless `path` is (or can be created as) a writable directory: checked
+    before a command's work, so a long run never ends in a permission traceback. Creates nothing."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; give a directory")
+    existing = path
+    while not existing.exists():  # the folder that will hold it, once created
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"{what} {path} cannot be written ({existing} is not a writable directory); "
+                         "give a writable directory")
+
+
 def cache_dir(name: str) -> Path:
     """$DCP_JAX_CACHE/<name> (default ~/.cache/dcp_jax/<name>): text embeddings, compiled programs, the toy CLIP."""
     return Path(os.environ.get("DCP_JAX_CACHE") or Path.home() / ".cache" / "dcp_jax") / name

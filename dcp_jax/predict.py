@@ -18,7 +18,6 @@ labels. The workdir's config applies, with any --config.KEY=VALUE overrides (e.g
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -87,14 +86,7 @@ def check_out_dir(out_dir: Path, paths: list[Path]) -> None:
         raise ValueError(f"--out-dir {out_dir} is the folder of the input images: the outputs "
                          "(<stem>_labels.png, <stem>_overlay.png, <stem>.json) would mix with them and could "
                          "overwrite your files; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file; choose a directory")
-    existing = out
-    while not existing.exists():  # the folder that will hold it, once created
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"--out-dir {out_dir} cannot be written ({existing} is not a writable directory); "
-                         "choose a writable directory")
+    files.check_writable_dir(out, "--out-dir")
 
 
 def predict_files(segmenter: Segmenter, paths: list[Path], class_names: list[str], out_dir: Path

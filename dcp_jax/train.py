@@ -215,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     after this many steps of this invocation, as if preempted (tests of resume).
     """
     workdir = Path(workdir).absolute()
+    files.check_writable_dir(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     config = config_lib.resolve_workdir(config, workdir)
     optim.parameter_rules(config)  # a bad rule fails before any work

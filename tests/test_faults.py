@@ -9,7 +9,8 @@ from dcp_jax import bench, evaluate, predict, train
 def _one_line_error(capsys, code, *needles):
     out, err = capsys.readouterr()
     assert code == 2, (out, err)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    # less the backend line every command prints first once its config is read (runtime.start)
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("[dcp_jax] jax ")]
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -59,3 +60,11 @@ def test_a_bad_config_file_is_named_on_one_line(tmp_path, capsys, config, needle
         train.main(["--workdir", str(tmp_path / "w"), "--config", config])
     line = _one_line_error(capsys, exit_.value.code, needle)
     assert "Traceback" not in line and not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_is_a_file_stops_train_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "w"
+    blocker.write_text("a file the user made")
+    code = train.main(["--config", "configs/tiny.py", "--workdir", str(blocker)])
+    _one_line_error(capsys, code, f"--workdir {blocker} is a file; give a directory")
+    assert blocker.read_text() == "a file the user made"

@@ -163,7 +163,7 @@ def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
         "non_string_classes": "entries that are not class names: [1, None, {'a': 1}]",
         "binary_classes_file": "is neither a JSON list of names nor text with one name per line",
         "out_dir_is_the_image_folder": "is the folder of the input images",
-        "out_dir_is_a_file": "is a file; choose a directory",
+        "out_dir_is_a_file": "is a file; give a directory",
         "out_dir_read_only": "cannot be written",
     }[case]
     if case == "empty_classes":
