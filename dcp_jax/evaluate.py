@@ -106,7 +106,8 @@ def evaluate_dataset(segmenter: Segmenter, spec: str, *, data_root: str | None =
                   image_sizes=len(sizes), programs_compiled=compiled["compiles"],
                   compile_seconds=round(compiled["compile_seconds"], 2))
     if distributed.is_primary() and progress:
-        print(f"[dcp_jax.evaluate] {ds.name}: {len(items)} images of {len(sizes)} sizes on this host; "
+        print(f"[dcp_jax.evaluate] {ds.name}: {len(items)} images of {len(sizes)} size{'s' * (len(sizes) != 1)} on "
+              "this host; "
               f"{compiled['compiles']} programs built ({compiled['compile_seconds']:.1f} s; "
               f"{compiled['cache_hits']} read from the persistent cache)", file=sys.stderr)
     if slots:  # what category selection decided (this host's batches)

@@ -328,7 +328,8 @@ def test_ten_image_sizes_compile_a_bounded_number_of_programs_read_off_the_main_
         result = evaluate.evaluate_dataset(segmenter, f"folder:{folder}")
         assert result["image_sizes"] == len(set(sizes)) and result["num_images"] == 10
         counts[name] = result["programs_compiled"]
-        assert f"10 images of {len(set(sizes))} sizes on this host; {counts[name]} programs built" in \
+        assert f"10 images of {len(set(sizes))} size{'s' * (len(set(sizes)) != 1)} on this host; " \
+               f"{counts[name]} programs built" in \
             capsys.readouterr().err
     # Hand-worked from the sizes (batches of 4 on 4 devices): the first set's batches need input buckets
     # 128x128 and 128x256 and output buckets 128x128 and 128x256, one size needs one of each: one more
