@@ -142,6 +142,11 @@ def main(argv=None) -> int:
             segmenter = Segmenter.from_clip(args["zero-shot"].value, config)
         else:
             segmenter = Segmenter.from_workdir(args.workdir, config, checkpoint=args.checkpoint)
+        for name in class_names:  # CLIP reads 77 tokens per prompt, the template's included
+            tokens = len(segmenter.tokenizer(name, add_special_tokens=False)["input_ids"])
+            if tokens > 60:
+                print(f"[dcp_jax.predict] warning: class {name[:40]!r}... is {tokens} tokens long; CLIP reads at "
+                      "most 77 per prompt, template included, so its end is cut", file=sys.stderr)
         summaries, errors = predict_files(segmenter, paths, class_names, Path(args["out-dir"].value))
         for s in summaries:
             present = ", ".join(f"{c['name']} {100 * c['fraction']:.1f}%" for c in s["classes"][:8])

@@ -74,6 +74,13 @@ def class_summary(labels, class_names: Sequence[str]) -> list[dict]:
     return [dict(id=int(i), name=str(class_names[i]), fraction=float(counts[i] / total)) for i in present]
 
 
+LEGEND_NAME_CHARS = 48  # longer class names are cut in the legend (the JSON keeps them whole)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= LEGEND_NAME_CHARS else name[:LEGEND_NAME_CHARS - 3] + "..."
+
+
 def overlay(image, labels, class_names: Sequence[str], alpha: float = 0.5) -> np.ndarray:
     """The image with each class painted in its palette colour, and a legend of the classes present.
 
@@ -103,7 +110,7 @@ def overlay(image, labels, class_names: Sequence[str], alpha: float = 0.5) -> np
 
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    rows = [f"{e['name']} ({100 * e['fraction']:.1f}%)" for e in summary] or ["(no labelled pixels)"]
+    rows = [f"{_short(e['name'])} ({100 * e['fraction']:.1f}%)" for e in summary] or ["(no labelled pixels)"]
     pad, swatch = 6, 12
     row_height = max(swatch, max(measure.textbbox((0, 0), t, font=font)[3] for t in rows)) + 4
     text_width = max(measure.textlength(t, font=font) for t in rows)

@@ -69,3 +69,12 @@ def test_palette_is_deterministic_and_distinct():
     colours = [visualize.palette_color(i) for i in range(1000)]
     assert len(set(colours)) == 1000
     assert colours == [visualize.palette_color(i) for i in range(1000)]
+
+
+def test_a_very_long_class_name_keeps_the_legend_narrow():
+    """An 18,000-character class name (a pasted paragraph) made a 100,000-pixel-wide legend; names are cut."""
+    image = np.zeros((20, 20, 3), np.uint8)
+    labels = np.zeros((20, 20), np.int32)
+    long_name = visualize.overlay(image, labels, ["x" * 18000])
+    short_name = visualize.overlay(image, labels, ["x" * (visualize.LEGEND_NAME_CHARS - 3) + "..."])
+    assert long_name.shape == short_name.shape and long_name.shape[1] < 1000
