@@ -83,6 +83,10 @@ def maybe_write_synthetic(config, workdir: Path) -> None:
     if not n or not spec.startswith("folder:"):
         return
     out = Path(spec[len("folder:"):])
+    val = config.train.get("synthetic_val_images", n // 4)
+    if not 0 < val < n:
+        raise ValueError(f"config.train.synthetic_val_images={val} must be between 1 and train.synthetic_images - 1 "
+                         f"= {n - 1}")
     if not (out / "meta.json").exists():
         if distributed.is_primary():
             from dcp_jax.data import toy_world
@@ -90,7 +94,7 @@ def maybe_write_synthetic(config, workdir: Path) -> None:
             with files.atomic_directory(out, overwrite=True) as tmp:
                 toy_world.write_benchmark(tmp, num_images=n, seed=config.seed,
                                           size=config.train.get("synthetic_size", 96),
-                                          val_fraction=config.train.get("synthetic_val_images", n // 4) / n)
+                                          val_fraction=val / n)
         distributed.sync("synthetic")
 
 
