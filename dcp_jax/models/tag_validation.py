@@ -33,6 +33,22 @@ def winning_regions(logits: jax.Array, slot_valid: jax.Array, grid: int) -> jax.
     return winner.reshape(b, grid, fh, grid, fw, k).mean(axis=(2, 4))
 
 
+def _check(k: int, seen: jax.Array, num_classes: int) -> None:
+    if k < 1:
+        raise ValueError(f"config.model.tv.k={k}: must be >= 1")
+    if seen.shape != (num_classes,):
+        raise ValueError(f"seen mask has shape {seen.shape}; expected [C] = ({num_classes},)")
+
+
+def _relabel(pooled, slot_class, slot_valid, wins, text_bar, seen, k: int):
+    """Eq. 17's rule on pooled region features [...,K,D]: a valid unseen slot that wins pixels and whose
+    class is not in the top-k of the vocabulary for its region -> (relabel [...,K], top-1 class [...,K])."""
+    sims = l2_normalize(pooled) @ text_bar.astype(jnp.float32).T  # [...,K,C]
+    own = jnp.take_along_axis(sims, slot_class[..., None], axis=-1)
+    relabel = slot_valid & wins & ~seen[slot_class] & (jnp.sum(sims > own, axis=-1) >= k)
+    return relabel, jnp.argmax(sims, axis=-1).astype(jnp.int32)
+
+
 def validate_tags(
     logits: jax.Array,
     slot_class: jax.Array,
@@ -49,20 +65,12 @@ def validate_tags(
     features; text_bar [C,D] unit class embeddings; seen bool [C]; k: the top-k that keeps a label.
     Returns (new slot_class int32 [B,K], relabelled bool [B,K]).
     """
-    if k < 1:
-        raise ValueError(f"config.model.tv.k={k}: must be >= 1")
-    num_classes = text_bar.shape[0]
-    if seen.shape != (num_classes,):
-        raise ValueError(f"seen mask has shape {seen.shape}; expected [C] = ({num_classes},)")
+    _check(k, seen, text_bar.shape[0])
     weights = winning_regions(logits, slot_valid, dense.shape[1])  # [B,g,g,K]
     wins_any = jnp.sum(weights, axis=(1, 2)) > 0  # [B,K]
     pooled = jnp.einsum("bhwk,bhwd->bkd", weights, l2_normalize(dense.astype(jnp.float32)))
-    sims = l2_normalize(pooled) @ text_bar.astype(jnp.float32).T  # [B,K,C]
-    own = jnp.take_along_axis(sims, slot_class[..., None], axis=-1)  # [B,K,1]
-    in_top_k = jnp.sum(sims > own, axis=-1) < k
-    relabel = slot_valid & wins_any & ~seen[slot_class] & ~in_top_k
-    new_class = jnp.where(relabel, jnp.argmax(sims, axis=-1), slot_class).astype(jnp.int32)
-    return new_class, relabel
+    relabel, top1 = _relabel(pooled, slot_class, slot_valid, wins_any, text_bar, seen, k)
+    return jnp.where(relabel, top1, slot_class).astype(jnp.int32), relabel
 
 
 def validate_label_map(
@@ -86,11 +94,8 @@ def validate_label_map(
     ranks in the top-k of the vocabulary for its pooled region; otherwise all its pixels take the top-1.
     Returns (labels [B,H,W], relabelled bool [B,K]).
     """
-    if k < 1:
-        raise ValueError(f"config.model.tv.k={k}: must be >= 1")
     num_classes, grid = text_bar.shape[0], dense.shape[1]
-    if seen.shape != (num_classes,):
-        raise ValueError(f"seen mask has shape {seen.shape}; expected [C] = ({num_classes},)")
+    _check(k, seen, num_classes)
     height, width = labels.shape[1:]
     dense_n = l2_normalize(dense.astype(jnp.float32)).reshape(dense.shape[0], grid * grid, -1)
 
@@ -103,11 +108,7 @@ def validate_label_map(
         counts = jax.ops.segment_sum(inside.astype(jnp.float32).ravel(), segment.ravel(),
                                      num_segments=grid * grid * num_classes).reshape(grid * grid, num_classes)
         regions = counts[:, classes]  # [g*g,K]: pixels of each candidate's region per cell
-        pooled = l2_normalize(regions.T @ feats)  # [K,D]
-        sims = pooled @ text_bar.astype(jnp.float32).T  # [K,C]
-        own = jnp.take_along_axis(sims, classes[:, None], axis=-1)
-        relabel = valid & (regions.sum(0) > 0) & ~seen[classes] & (jnp.sum(sims > own, axis=-1) >= k)
-        new_class = jnp.argmax(sims, axis=-1).astype(jnp.int32)
+        relabel, new_class = _relabel(regions.T @ feats, classes, valid, regions.sum(0) > 0, text_bar, seen, k)
         table = jnp.arange(num_classes, dtype=jnp.int32).at[jnp.where(relabel, classes, num_classes)].set(
             new_class, mode="drop")
         return jnp.where(inside, table[jnp.maximum(image_labels, 0)], -1), relabel
