@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcp_jax import bench, distributed, files, forward
+from dcp_jax import distributed, files, forward, measure
 from dcp_jax.models import build, compute, dcp
 
 # Dense bfloat16 peak TFLOP/s per device, by a substring of jax's device_kind (first match wins).
@@ -126,8 +126,8 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
     data = distributed.batch_sharding(mesh)
     batch = {"image": jax.device_put(rng.integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8), data),
              "label": jax.device_put(rng.integers(0, TRAIN_CLASSES, (batch_size, crop, crop), dtype=np.int32), data)}
-    text = jnp.asarray(bench.random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
-    tokens = bench.random_text_tokens(config, TRAIN_CLASSES)
+    text = jnp.asarray(measure.random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
+    tokens = measure.random_text_tokens(config, TRAIN_CLASSES)
     start = time.perf_counter()
     compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text,
                                                                                       *tokens).compile()
@@ -141,16 +141,16 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)
         return metrics["loss"]
 
-    step_ms = 1e3 * bench._median_seconds(step, runs)
+    step_ms = 1e3 * measure.median_seconds(step, runs)
     return {"images": batch_size, "compile_s": compile_s, "step_ms": step_ms, "gflops": gflops, "gbytes": gbytes,
-            "plan_gib": bench._compiled_stats(compiled)[1], "device_peak_gib": bench._device_peak_gib()}
+            "plan_gib": measure.compiled_stats(compiled)[1], "device_peak_gib": measure.device_peak_gib()}
 
 
 def run_slide(config, case: Case, runs: int, models: dict) -> dict:
     model = shared_model(config, models)
-    runner = bench.Bench(config, model, mode="slide")
+    runner = measure.Bench(config, model, mode="slide")
     classes = max(case.selected, 171)  # the vocabulary stage 1 ranks; K = case.selected decoded
-    text = jnp.asarray(bench.random_text(classes, dcp.num_templates(config), model.clip_dim))
+    text = jnp.asarray(measure.random_text(classes, dcp.num_templates(config), model.clip_dim))
     start = time.perf_counter()
     (one, args_one), (two, args_two) = runner.stages(text, case.selected)
     compile_s = time.perf_counter() - start
@@ -159,10 +159,10 @@ def run_slide(config, case: Case, runs: int, models: dict) -> dict:
                                                      max_slots=classes))
         cost_two = _cost(forward.decode.lower(runner.graphdef, *args_two, views_per_image=runner.views_per_image,
                                               num_slots=case.selected))
-    step_ms = 1e3 * bench._median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
+    step_ms = 1e3 * measure.median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
     return {"images": 1, "compile_s": compile_s, "step_ms": step_ms, "gflops": cost_one[0] + cost_two[0],
-            "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(bench._compiled_stats(c)[1] for c in (one, two)),
-            "device_peak_gib": bench._device_peak_gib()}
+            "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(measure.compiled_stats(c)[1] for c in (one, two)),
+            "device_peak_gib": measure.device_peak_gib()}
 
 
 def load_config(spec: str, overrides: dict):
@@ -265,11 +265,11 @@ def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
         text = jax.ShapeDtypeStruct((num_classes, dcp.num_templates(config), dim), jnp.float32,
                                     sharding=distributed.replicated(mesh))
         tokens = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=distributed.replicated(mesh)),
-                              bench.random_text_tokens(config, num_classes))
+                              measure.random_text_tokens(config, num_classes))
         compiled = train.make_train_step(config, graphdef, shardings, num_classes).lower(state, batch, text,
                                                                                          *tokens).compile()
     m = compiled.memory_analysis()
-    gib = {key: getattr(m, f"{key}_size_in_bytes") / bench.GIB for key in ("argument", "output", "temp", "alias")}
+    gib = {key: getattr(m, f"{key}_size_in_bytes") / measure.GIB for key in ("argument", "output", "temp", "alias")}
     return {"devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch_size,
             "per_device_batch": batch_size // len(devices), "slots": int(config.model.dcs.num_slots),
             "dtype": compute.resolve_dtype(config.clip.dtype, target).name, "remat": str(config.model.remat),

@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -41,136 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcp_jax import cli, distributed, files, forward, inference, runtime
+from dcp_jax import cli, distributed, files, forward, runtime
 from dcp_jax import config as config_lib
-from dcp_jax.models import build, compute, dcp, selection
+from dcp_jax.measure import (Bench, compiled_stats, device_peak_gib, has_loops, median_seconds, random_text,
+                             random_text_tokens, too_big_to_run)
+from dcp_jax.models import build, compute, dcp
 from dcp_jax.models.summary import count_params
-
-GIB = 2**30
-
-
-def _median_seconds(fn, runs: int, other=None) -> float | tuple[float, float]:
-    """Median seconds of `fn()` over `runs` runs after a warm-up. With `other` (a second function),
-    the two run alternately, one of each per round, and both medians come back: on a shared machine
-    whose speed drifts by tens of percent over minutes, both see the same load."""
-    fns = [fn] if other is None else [fn, other]
-    for f in fns:
-        jax.block_until_ready(f())  # warm-up (and compile)
-    times = [[] for _ in fns]
-    for _ in range(runs):
-        for f, spent in zip(fns, times):
-            start = time.perf_counter()
-            jax.block_until_ready(f())
-            spent.append(time.perf_counter() - start)
-    medians = [statistics.median(t) for t in times]
-    return medians[0] if other is None else tuple(medians)
-
-
-def _compiled_stats(compiled) -> tuple[float, float]:
-    """(GFLOPs, XLA memory in GiB: arguments + outputs + temporaries) of a compiled program."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    memory = compiled.memory_analysis()
-    used = 0.0
-    if memory is not None:
-        used = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes) / GIB
-    return float(cost.get("flops", 0.0)) / 1e9, used
-
-
-def _device_peak_gib() -> float | None:
-    stats = jax.local_devices()[0].memory_stats()
-    return stats["peak_bytes_in_use"] / GIB if stats and "peak_bytes_in_use" in stats else None
-
-
-def random_text(num_classes: int, num_templates: int, dim: int, seed: int = 0) -> np.ndarray:
-    t = np.random.default_rng(seed).standard_normal((num_classes, num_templates, dim)).astype(np.float32)
-    return t / np.linalg.norm(t, axis=-1, keepdims=True)
-
-
-TOKENS_PER_PROMPT = 16  # random stand-in prompts for the step's text re-encoding (CLIP prompts: ~8-20 tokens)
-
-
-def random_text_tokens(config, num_classes: int, seed: int = 0) -> tuple:
-    """(guidance_tokens, cost_tokens) for a train step of `config`, random ids of TOKENS_PER_PROMPT tokens:
-    what the step re-encodes (a learnt context or clip.text_finetune) costs what real prompts of that length
-    cost. None where the config re-encodes nothing."""
-    rng = np.random.default_rng(seed)
-    vocab_size = build.clip_config_for(config).text.vocab_size
-
-    def tokens(*shape):
-        ids = rng.integers(1, vocab_size - 2, (*shape, TOKENS_PER_PROMPT), dtype=np.int32)
-        ids[..., -1] = vocab_size - 1  # the end token, where CLIP pools (the largest id)
-        return jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
-
-    guidance = tokens(num_classes) if dcp.reencodes_text(config) else None
-    cost = tokens(num_classes, dcp.num_templates(config)) if config_lib.text_finetune(config) == "cost" else None
-    return guidance, cost
-
-
-class Bench:
-    """The model, its two compiled stages and the inputs of one image's views."""
-
-    def __init__(self, config, model, *, mode: str, seed: int = 0):
-        self.graphdef, self.params = nnx.split(model)
-        self.model = model
-        self.views_per_image = inference.num_views(mode, crop=int(config.train.crop_size),
-                                                   stride=int(config.eval.slide_stride),
-                                                   canvas=int(config.eval.slide_canvas))
-        crop = int(config.train.crop_size)
-        rng = np.random.default_rng(seed)
-        self.views = jnp.asarray(rng.uniform(0, 255, (self.views_per_image, crop, crop, 3)).astype(np.float32))
-
-    def stages(self, text: jax.Array, slots: int):
-        """Compiled stage 1 and stage 2 for this vocabulary and K, with their arguments."""
-        c = text.shape[0]
-        bar = selection.mean_text_embedding(text)
-        seen = jnp.ones(c, bool)
-        one = forward.encode_select.lower(self.graphdef, self.params, self.views, text,
-                                          views_per_image=self.views_per_image, max_slots=c).compile()
-        features, ranked = one(self.params, self.views, text)
-        # Slots 0..K-1 valid: the cost of decoding K classes does not depend on which they are.
-        slot_class = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (1, c))
-        slot_valid = jnp.arange(c)[None] < slots
-        args = (features, text, bar, slot_class, slot_valid, seen)
-        two = forward.decode.lower(self.graphdef, self.params, *args, views_per_image=self.views_per_image,
-                                   num_slots=slots).compile()
-        return (one, (self.params, self.views, text)), (two, (self.params, *args))
-
-    def gflops(self, text: jax.Array, slots: int, stages=None) -> tuple[float, float]:
-        """(CLIP, head) GFLOPs of the two compiled stages at K = slots, counted on the programs with
-        loops unrolled (compute.for_cost_analysis: the cost analysis counts a loop once); `stages`:
-        the arguments from `stages(text, slots)`, if at hand."""
-        (one, args_one), (two, args_two) = stages or self.stages(text, slots)
-        if not has_loops(self.model):  # the programs at hand are the ones to count
-            return _compiled_stats(one)[0], _compiled_stats(two)[0]
-        with compute.for_cost_analysis():
-            one = forward.encode_select.lower(self.graphdef, *args_one, views_per_image=self.views_per_image,
-                                              max_slots=text.shape[0]).compile()
-            two = forward.decode.lower(self.graphdef, *args_two, views_per_image=self.views_per_image,
-                                       num_slots=slots).compile()
-        return _compiled_stats(one)[0], _compiled_stats(two)[0]
-
-    def head_gflops(self, text: jax.Array, slots: int) -> float:
-        """GFLOPs of the compiled head (stage 2) at K = slots."""
-        return self.gflops(text, slots)[1]
-
-    def row(self, text: jax.Array, slots: int, runs: int, other=None) -> dict:
-        """One bench row at K = slots. `other(xla_memory_gib)`: None, or a function to time alternately
-        with the JAX forward (the PyTorch reference), whose median becomes `torch_latency_s`."""
-        stages = (one, args_one), (two, args_two) = self.stages(text, slots)
-        clip_gflops, head_gflops = self.gflops(text, slots, stages)
-        memory = max(_compiled_stats(one)[1], _compiled_stats(two)[1])  # of the programs that run
-        row = {"slots": slots, "gflops": clip_gflops + head_gflops, "clip_gflops": clip_gflops,
-               "head_gflops": head_gflops, "latency_s": None, "xla_memory_gib": memory}
-        if not _too_big(memory):
-            forward = lambda: (one(*args_one), two(*args_two))  # noqa: E731
-            with (other(memory) if other else contextlib.nullcontext()) as call:
-                if call is None:
-                    row["latency_s"] = _median_seconds(forward, runs)
-                else:
-                    row["latency_s"], row["torch_latency_s"] = _median_seconds(forward, runs, call)
-        return {**row, "device_peak_gib": _device_peak_gib()}
 
 
 def measured_selection(workdir, config, spec: str, thetas, images: int) -> tuple[list[str], dict[float, float]]:
@@ -195,12 +69,6 @@ def measured_selection(workdir, config, spec: str, thetas, images: int) -> tuple
     return list(ds.class_names), counts
 
 
-def has_loops(model) -> bool:
-    """Whether the model's programs hold loops that XLA's cost analysis would count once: attention in
-    CPU chunks, the scanned CLIP blocks."""
-    return compute.chunks_attention() or model.clip.vision_model.encoder.scan_layers
-
-
 def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     """One training step at batch 1 with K slots on a C-class vocabulary: time, GFLOPs, memory."""
     from dcp_jax import optim, train
@@ -221,14 +89,14 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     tokens = random_text_tokens(config, num_classes)
     compiled = step.lower(state, batch, text, *tokens).compile()
-    gflops, memory = _compiled_stats(compiled)
+    gflops, memory = compiled_stats(compiled)
     if has_loops(model):
         with compute.for_cost_analysis():  # the FLOPs of the same step without loops (Bench.gflops)
-            gflops = _compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
+            gflops = compiled_stats(train.make_train_step(config, graphdef, shardings, num_classes)
                                      .lower(state, batch, text, *tokens).compile())[0]
     result = {"train_slots": slots, "train_gflops": gflops, "train_xla_memory_gib": memory, "train_step_s": None,
               "train_device_peak_gib": None}
-    if _too_big(memory):
+    if too_big_to_run(memory):
         return result
     holder = {"state": jax.device_put(state, shardings)}
 
@@ -236,15 +104,8 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)
         return metrics
 
-    result.update(train_step_s=_median_seconds(once, runs), train_device_peak_gib=_device_peak_gib())
+    result.update(train_step_s=median_seconds(once, runs), train_device_peak_gib=device_peak_gib())
     return result
-
-
-def _too_big(memory_gib: float) -> bool:
-    """Whether a CPU program would need more than 80 % of this machine's memory (it would swap or be killed):
-    such rows report what XLA planned and are not run."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return jax.devices()[0].platform == "cpu" and memory_gib * GIB > 0.8 * physical
 
 
 def _seconds(value: float | None, digits: int) -> str:
@@ -400,7 +261,7 @@ def run(cmd, args) -> None:
 
             def torch_forward(memory_gib, c=c, text=text, slots=slots):
                 # PyTorch's eager forward keeps more intermediates alive than XLA's plan, beside the JAX buffers
-                if reference is None or _too_big(2 * memory_gib):
+                if reference is None or too_big_to_run(2 * memory_gib):
                     return contextlib.nullcontext()
                 from dcp_jax import torch_ref
                 # The same K as the JAX row (bucket=False: K = max_slots), tag validation included.
@@ -426,10 +287,10 @@ def run(cmd, args) -> None:
 
 
 def _torch_reference(model, config):
-    from dcp_jax import export, torch_ref
+    from dcp_jax import export_format, torch_ref
 
     directory = Path(tempfile.mkdtemp(prefix="dcp_bench_export_"))
-    export.write_export(model, config, directory, tokenizer_dir=None)
+    export_format.write_export(model, config, directory, tokenizer_dir=None)
     return torch_ref.load_reference(directory)
 
 

@@ -69,7 +69,7 @@ def clip_checkpoint_path(config, workdir: Path, *, create: bool) -> Path:
             raise FileNotFoundError(f"{path} missing: the workdir's random tiny CLIP is gone; "
                                     "it is written by the trainer when clip.checkpoint is empty.")
         if distributed.is_primary():
-            from dcp_jax.models.tiny_clip import write_tiny_clip
+            from dcp_jax.models.build import write_tiny_clip
             with files.atomic_directory(path, overwrite=True) as tmp:
                 write_tiny_clip(tmp, config.clip.tiny.to_dict(), seed=config.seed)
         distributed.sync("tiny_clip")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dcp_jax import bench
+from dcp_jax import bench, measure
 
 
 def test_bench_rows_and_selection_saves_head_flops(tmp_path, capsys):
@@ -35,19 +35,19 @@ def test_flops_count_chunked_attention_and_scanned_blocks_in_full(monkeypatch):
     from dcp_jax.models import build, compute, dcp
 
     config = tiny.get_config()
-    text = jnp.asarray(bench.random_text(12, dcp.num_templates(config), 32))
+    text = jnp.asarray(measure.random_text(12, dcp.num_templates(config), 32))
     config.clip.scan_layers = False
     monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1 << 62)
     jax.clear_caches()
-    (one, _), (two, _) = bench.Bench(config, build.create_model(config), mode="whole").stages(text, 8)
-    plain = bench._compiled_stats(one)[0], bench._compiled_stats(two)[0]  # no loop in either program
+    (one, _), (two, _) = measure.Bench(config, build.create_model(config), mode="whole").stages(text, 8)
+    plain = measure.compiled_stats(one)[0], measure.compiled_stats(two)[0]  # no loop in either program
     config.clip.scan_layers = True
-    runner = bench.Bench(config, build.create_model(config), mode="whole")
+    runner = measure.Bench(config, build.create_model(config), mode="whole")
     monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1)  # every attention call in chunks
     jax.clear_caches()
     stages = runner.stages(text, 8)
     # what the analysis alone would say
-    assert all(bench._compiled_stats(stages[i][0])[0] < 0.99 * plain[i] for i in (0, 1))
+    assert all(measure.compiled_stats(stages[i][0])[0] < 0.99 * plain[i] for i in (0, 1))
     assert runner.gflops(text, 8, stages) == pytest.approx(plain, rel=1e-9)
     assert not compute.unroll_scans()
     assert compute.CPU_SCORE_CHUNK_BYTES == 1  # restored
@@ -108,11 +108,11 @@ def test_memory_plan_counts_the_step_it_was_given(tmp_path, capsys):
     crop = config.train.crop_size
     batch_bytes = crop * crop * 3 + crop * crop * 4  # one uint8 image and its int32 labels per device
     text_bytes = 171 * dcp.num_templates(config) * model.clip_dim * 4
-    assert plan["argument"] * bench.GIB == pytest.approx(state_bytes + batch_bytes + text_bytes, rel=1e-6)
+    assert plan["argument"] * measure.GIB == pytest.approx(state_bytes + batch_bytes + text_bytes, rel=1e-6)
 
     config.train.batch_size = 8
     bigger = accelerator.memory_plan(config, jax.devices())
-    assert bigger["argument"] * bench.GIB == pytest.approx(plan["argument"] * bench.GIB + batch_bytes, rel=1e-6)
+    assert bigger["argument"] * measure.GIB == pytest.approx(plan["argument"] * measure.GIB + batch_bytes, rel=1e-6)
     assert bigger["temp"] > 1.5 * plan["temp"]
     config.train.batch_size, config.mesh.fsdp, config.mesh.min_shard_size = 4, 4, 0
     sharded = accelerator.memory_plan(config, jax.devices())

@@ -19,7 +19,7 @@ from transformers import CLIPTokenizer
 
 from dcp_jax.configs.tiny import TINY_CLIP
 from dcp_jax.models import clip, clip_convert
-from dcp_jax.models.tiny_clip import write_tiny_clip
+from dcp_jax.models.build import write_tiny_clip
 
 CASE = "openai_shaped"  # head_dim 64, so the OpenAI loader can infer the head count from shapes
 

@@ -26,7 +26,7 @@ from transformers import CLIPModel as HFCLIPModel
 from transformers import CLIPTokenizer
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import export, optim, train
+from dcp_jax import export, export_format, optim, train
 from dcp_jax.configs import tiny
 from dcp_jax import text as text_lib
 from dcp_jax.data.toy_world import write_benchmark
@@ -99,7 +99,7 @@ def exported(workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported_model(exported):
-    return export.load_export(exported)
+    return export_format.load_export(exported)
 
 
 def run_jit(fn, model, *args):
@@ -222,12 +222,12 @@ def test_model_from_the_export_gives_identical_outputs(workdir_model, exported_m
 
 
 def test_load_export_is_strict(exported, tmp_path):
-    with pytest.raises(export.ExportError, match="is not a dcp_jax export"):
-        export.load_export(tmp_path)
+    with pytest.raises(export_format.ExportError, match="is not a dcp_jax export"):
+        export_format.load_export(tmp_path)
     config = ckpt_lib.load_config(exported)
     config.model.hidden_dim = 64
     with pytest.raises(ValueError, match=r"wrong shape.*alignment\.cost_embed\.weight"):
-        export.load_export(exported, config)
+        export_format.load_export(exported, config)
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -238,7 +238,7 @@ def test_load_export_is_strict(exported, tmp_path):
     del tensors["alignment.prompt_tokens"]
     save_file(tensors, str(damaged / "dcp_head.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing \(1\): alignment\.prompt_tokens"):
-        export.load_export(damaged)
+        export_format.load_export(damaged)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,10 +311,10 @@ def test_conv_transpose_rule_matches_torch(kernel, stride):
     """The flip rule for VALID ConvTranspose layers the tiny head does not have (kernel >= stride)."""
     layer = nnx.ConvTranspose(3, 5, (kernel, kernel), (stride, stride), padding="VALID", rngs=nnx.Rngs(kernel))
     layer.bias[...] = jnp.linspace(-1.0, 1.0, 5)
-    kind = export._module_kind(layer)
+    kind = export_format._module_kind(layer)
     kernel_value = np.asarray(layer.kernel[...])
-    weight = export.to_torch(kind, "kernel", kernel_value)
-    np.testing.assert_array_equal(export.from_torch(kind, "kernel", weight), kernel_value)
+    weight = export_format.to_torch(kind, "kernel", kernel_value)
+    np.testing.assert_array_equal(export_format.from_torch(kind, "kernel", weight), kernel_value)
     module = torch.nn.ConvTranspose2d(3, 5, kernel, stride=stride)
     module.load_state_dict({"weight": torch.from_numpy(weight.copy()),
                             "bias": torch.from_numpy(np.asarray(layer.bias[...]))})
@@ -341,20 +341,20 @@ class _Head(nnx.Module):
 
 
 def test_head_layout_of_unknown_kernels_is_refused():
-    assert export.head_layout(_Head(custom=False)) == {
+    assert export_format.head_layout(_Head(custom=False)) == {
         "proj.weight": {"flax_path": "proj/kernel", "shape": [3, 2], "kind": "linear"},
         "proj.bias": {"flax_path": "proj/bias", "shape": [3], "kind": "linear"},
         "scale_free": {"flax_path": "scale_free", "shape": [4], "kind": "param"},
     }
-    with pytest.raises(export.ExportError, match="custom/kernel: a kernel of a _CustomKernel has no PyTorch"):
-        export.head_layout(_Head(custom=True))
+    with pytest.raises(export_format.ExportError, match="custom/kernel: a kernel of a _CustomKernel has no PyTorch"):
+        export_format.head_layout(_Head(custom=True))
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [(3, 2, "SAME"), (1, 2, "VALID")])
 def test_conv_transpose_without_a_torch_rule_is_refused(kernel, stride, padding):
     layer = nnx.ConvTranspose(4, 4, (kernel, kernel), (stride, stride), padding=padding, rngs=nnx.Rngs(0))
-    with pytest.raises(export.ExportError, match="no export rule"):
-        export._module_kind(layer)
+    with pytest.raises(export_format.ExportError, match="no export rule"):
+        export_format._module_kind(layer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ def test_failed_export_leaves_out_untouched(workdir, tmp_path, monkeypatch):
     def boom(model):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "head_tensors", boom)
+    monkeypatch.setattr(export_format, "head_tensors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_workdir(workdir, out, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
@@ -440,7 +440,7 @@ def test_openai_bpe_tokenizer_is_written_in_transformers_form(exported, tmp_path
     merges = (exported / "clip" / "merges.txt").read_text().splitlines()[1:]
     with gzip.open(source / "bpe_simple_vocab_16e6.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(["bpe", *merges]) + "\n")
-    export.copy_tokenizer(source, target)
+    export_format.copy_tokenizer(source, target)
     assert (target / "bpe_simple_vocab_16e6.txt.gz").exists()
     reference = text_lib.load_tokenizer(source)
     texts = ["a photo of a cat.", "Zürich café"]

@@ -98,7 +98,7 @@ def test_head_flops_follow_the_bucket(model):
 
 def test_zero_shot_matches_dense_clip_similarity(tmp_path):
     from dcp_jax.models.clip import load_clip, normalize_pixels
-    from dcp_jax.models.tiny_clip import write_tiny_clip
+    from dcp_jax.models.build import write_tiny_clip
 
     write_tiny_clip(tmp_path, TINY_CLIP)
     model, config = load_clip(tmp_path)

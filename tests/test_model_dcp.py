@@ -16,7 +16,8 @@ from dcp_jax import loss as loss_lib
 from dcp_jax import optim
 from dcp_jax.configs import dcp_vitb16_coco_stuff, tiny
 from dcp_jax.models import build, dcp
-from dcp_jax.models.tiny_clip import tiny_clip_config, write_tiny_clip
+from dcp_jax.models.build import write_tiny_clip
+from dcp_jax.models.tiny_clip import tiny_clip_config
 from dcp_jax.rules import flat_params
 
 SMALL_CLIP = dict(

@@ -16,7 +16,7 @@ from dcp_jax import text
 from dcp_jax.models import selection
 from dcp_jax.configs.tiny import TINY_CLIP
 from dcp_jax.models import clip
-from dcp_jax.models.tiny_clip import write_tiny_clip
+from dcp_jax.models.build import write_tiny_clip
 
 ATOL = 1e-5
 

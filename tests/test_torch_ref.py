@@ -1,7 +1,7 @@
 """dcp_jax.torch_ref: the PyTorch reference built from an export reproduces the JAX model.
 
 For tiny random models covering every config switch that changes parameters or the computation
-(five configs, the switches grouped to keep compile time low): JAX model -> export.write_export ->
+(five configs, the switches grouped to keep compile time low): JAX model -> export_format.write_export ->
 transformers CLIPModel + torch_ref -> the same numbers. Tolerances (float32 on CPU, JAX at
 "highest" matmul precision): CLIP features 1e-5, head logits on the same inputs 1e-4 (what
 `--verify` accepts); measured values are ~3e-6 for both.
@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import export, files, forward, optim, torch_ref
+from dcp_jax import export, export_format, files, forward, optim, torch_ref
 from dcp_jax import rules as rules_lib
 from dcp_jax import text as text_lib
 from dcp_jax.configs import tiny
@@ -30,7 +30,7 @@ from dcp_jax.models import build, dcp, selection, tiny_clip
 from dcp_jax.torch_ref import verify
 
 FEATURE_ATOL = 1e-5
-LOGIT_ATOL = torch_ref.TOLERANCE  # 1e-4
+LOGIT_ATOL = verify.TOLERANCE  # 1e-4
 
 # Every parameter-changing switch is off (or non-default) in at least one case, on in another.
 CASES = {
@@ -87,7 +87,7 @@ def random_model(config, seed: int = 0) -> dcp.DCPCLIP:
                  "logit_scale": np.full(shape, np.log(100.0))}.get(leaf, 0.1 * noise)
         given[path] = value.astype(np.float32)
     clip_config = build.clip_config_for(config)
-    # Placed like export.load_export places its model, so --verify below reuses the compiled programs.
+    # Placed like export_format.load_export places its model, so --verify below reuses the compiled programs.
     return build.init_module(lambda rngs: dcp.DCPCLIP(config, clip_config, rngs=rngs), mesh_config=config.mesh,
                              given=given)
 
@@ -102,7 +102,7 @@ def case(request, tokenizer_dir, tmp_path_factory):
     if name not in _BUILT:
         config = make_config(CASES[name])
         model = random_model(config)
-        out = export.write_export(model, config, tmp_path_factory.mktemp(f"export_{name}"), tokenizer_dir=tokenizer_dir,
+        out = export_format.write_export(model, config, tmp_path_factory.mktemp(f"export_{name}"), tokenizer_dir=tokenizer_dir,
                                   train_classes=verify.class_names(3))
         _BUILT[name] = (config, model, out, torch_ref.load_reference(out))
     return _BUILT[name]

@@ -306,7 +306,7 @@ def test_optimizer_lr_groups_weight_decay_and_freezing(tmp_path):
 
     from dcp_jax import optim
     from dcp_jax.models import build
-    from dcp_jax.models.tiny_clip import write_tiny_clip
+    from dcp_jax.models.build import write_tiny_clip
     from dcp_jax.rules import flat_params
 
     config = tiny.get_config()

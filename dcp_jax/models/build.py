@@ -9,7 +9,8 @@
    never materialised whole on one device.
 4. Loaded weights (a CLIP checkpoint, host numpy arrays) are placed straight into their shardings.
 
-Random weights (tests, the parameter summary, benchmarks, the random tiny CLIP) take the same path
+Random weights (tests, the parameter summary, benchmarks, the random tiny CLIP that `write_tiny_clip`
+saves as a checkpoint) take the same path
 with nothing loaded.
 """
 
@@ -31,6 +32,7 @@ from dcp_jax import rules as rules_lib
 from dcp_jax.models import clip as clip_lib
 from dcp_jax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from dcp_jax.models.dcp import DCPCLIP
+from dcp_jax.models.tiny_clip import tiny_clip_config, tiny_tokenizer_files
 
 # OpenAI CLIP architectures (the HF openai/clip-vit-* config.json values), for building without weights.
 OPENAI_CLIP = {
@@ -64,8 +66,6 @@ def clip_config_for(config) -> CLIPConfig:
             raise ValueError(f"config.clip.variant={variant!r}: expected one of {sorted(OPENAI_CLIP)}")
         cfg = OPENAI_CLIP[variant]
     elif not config.clip.checkpoint:
-        from dcp_jax.models.tiny_clip import tiny_clip_config
-
         cfg = tiny_clip_config(config.clip.tiny.to_dict())
     else:
         raise ValueError(
@@ -205,6 +205,19 @@ def random_clip(clip_config: CLIPConfig, *, seed: int = 0, dtype=np.float32) -> 
     replicate = ml_collections.ConfigDict(dict(shard_rules=((".*", "replicate"),), min_shard_size=0))
     return init_module(lambda rngs: clip_lib.CLIPModel(clip_config, dtype=dtype, rngs=rngs), mesh_config=replicate,
                        seed=seed)
+
+
+def write_tiny_clip(out_dir: str | os.PathLike, arch: dict, seed: int = 0) -> Path:
+    """Write a random tiny CLIP as an HF checkpoint directory (config, weights, tokenizer); deterministic per seed.
+
+    `arch` has the shape of `configs/tiny.py`'s TINY_CLIP; `text.vocab_size` defaults to 1024.
+    """
+    out_dir = Path(out_dir)
+    config = tiny_clip_config(arch)
+    clip_lib.save_hf_checkpoint(random_clip(config, seed=seed), config, out_dir)
+    for name, content in tiny_tokenizer_files(config.text.vocab_size).items():
+        (out_dir / name).write_text(content, encoding="utf-8")
+    return out_dir
 
 
 def _check_clip_params(params: dict, clip_config: CLIPConfig) -> None:

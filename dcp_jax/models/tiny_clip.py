@@ -1,9 +1,10 @@
-"""A random tiny CLIP written as a complete HF checkpoint directory (tests and the no-download demo).
+"""The tiny CLIP's architecture and tokenizer (tests and the no-download demo).
 
-`write_tiny_clip(out_dir, arch)` writes config.json + model.safetensors (loadable by `load_clip` and by
-transformers' `CLIPModel.from_pretrained`) and a small but real CLIP BPE tokenizer (vocab.json + merges.txt):
+`tiny_clip_config(arch)` is the architecture of `configs/tiny.py`'s TINY_CLIP-shaped dicts;
+`tiny_tokenizer_files(vocab_size)` is a small but real CLIP BPE tokenizer (vocab.json + merges.txt):
 byte-level, so every string tokenizes (unknown words fall back to bytes), with merges learnt from a built-in word
 list so common class names and template words are single tokens. No torch, no network; well under a second.
+The random weights that make them a checkpoint come from dcp_jax/models/build.py (`write_tiny_clip`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
-from pathlib import Path
 
 import numpy as np
+
+from dcp_jax.models.clip import CLIPConfig
 
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -126,8 +127,6 @@ def _tokenizer_files(vocab_size: int, corpus: tuple[str, ...] | None = None) -> 
 
 def tiny_clip_config(arch: dict):
     """A `clip.CLIPConfig` from a `TINY_CLIP`-shaped dict (vision/text sub-dicts with HF names, projection_dim)."""
-    from dcp_jax.models.clip import CLIPConfig
-
     text = dict(arch.get("text", {}))
     vocab_size = int(text.get("vocab_size", DEFAULT_TINY_VOCAB))
     text.update(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
@@ -140,19 +139,4 @@ def tiny_clip_config(arch: dict):
     return CLIPConfig.from_hf(hf)
 
 
-def write_tiny_clip(out_dir: str | os.PathLike, arch: dict, seed: int = 0) -> Path:
-    """Write a random tiny CLIP as an HF checkpoint directory (config, weights, tokenizer); deterministic per seed.
-
-    `arch` has the shape of `configs/tiny.py`'s TINY_CLIP; `text.vocab_size` defaults to 1024.
-    """
-    from dcp_jax.models import build, clip
-
-    out_dir = Path(out_dir)
-    config = tiny_clip_config(arch)
-    clip.save_hf_checkpoint(build.random_clip(config, seed=seed), config, out_dir)
-    for name, content in tiny_tokenizer_files(config.text.vocab_size).items():
-        (out_dir / name).write_text(content, encoding="utf-8")
-    return out_dir
-
-
-__all__ = ["DEFAULT_TINY_VOCAB", "tiny_clip_config", "tiny_tokenizer_files", "write_tiny_clip"]
+__all__ = ["DEFAULT_TINY_VOCAB", "tiny_clip_config", "tiny_tokenizer_files"]

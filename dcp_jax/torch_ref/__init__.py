@@ -8,22 +8,12 @@
 
 head.py holds the head (one torch module per flax module, same parameter names), model.py the CLIP
 features, DCS, tag validation and loading, timing.py `forward_call` / `time_forward`, verify.py `verify_export`
-(the JAX-vs-torch check behind `--verify`; the only part that imports JAX). torch is imported
+(the JAX-vs-torch check behind `--verify`; the only part that imports JAX, so import it as
+`dcp_jax.torch_ref.verify` where JAX is wanted). torch is imported
 nowhere else in dcp_jax. Needs the `torch` extra: pip install 'dcp_jax[torch]'.
 """
 
 from dcp_jax.torch_ref.model import ExportMismatchError, TorchDCP, load_config, load_reference
 from dcp_jax.torch_ref.timing import forward_call, time_forward
 
-TOLERANCE = 1e-4  # max |jax - torch| of the head's float32 logits that --verify accepts
-
-
-def __getattr__(name):  # verify.py imports JAX: only on use
-    if name in ("verify_export", "compare_export"):
-        from dcp_jax.torch_ref import verify
-        return getattr(verify, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["ExportMismatchError", "TOLERANCE", "TorchDCP", "compare_export", "forward_call", "load_config",
-           "load_reference", "time_forward", "verify_export"]
+__all__ = ["ExportMismatchError", "TorchDCP", "forward_call", "load_config", "load_reference", "time_forward"]
