@@ -23,6 +23,8 @@ from ml_collections import config_flags
 from dcp_jax import config as config_lib
 
 EXIT_USAGE = 2
+# Bad input for commands that never load a model (the data commands): no JAX import needed to name them.
+INPUT_ERRORS = (ValueError, OSError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -31,6 +33,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError, checkpoint.CheckpointError, checkpoint.WorkdirLockedError, runtime.BackendError,
             flags.Error)
+
+
+def split_positional(argv: Sequence[str], flag_values: flags.FlagValues) -> tuple[list[str], list[str]]:
+    """(positional arguments, the rest) of a command line. An argument is positional unless it is a flag (`-x`,
+    `--x`, `--x=v`) or the value of the non-boolean flag before it (`--raw DIR`); after `--` every one is."""
+    positional, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            positional.extend(args)
+        elif not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+        else:
+            rest.append(arg)
+            name = arg.lstrip("-")
+            if "=" not in name and name in flag_values and not flag_values[name].boolean:
+                value = next(args, None)  # `--raw DIR`: DIR belongs to the flag
+                if value is not None:
+                    rest.append(value)
+    return positional, rest
 
 
 def _given_config(argv: Sequence[str]) -> str | None:
@@ -68,12 +90,16 @@ def _last_line(error: BaseException) -> str:
 
 class Command:
     """One invocation's flags: `cmd = Command(prog, doc, argv, config=...)`, define flags on `cmd.flags`,
-    then `cmd.parse()`."""
+    then `cmd.parse()`. `positional=("SPEC",)` takes positional arguments before or among the flags
+    (`prepare ade150 --raw DIR`), found in `cmd.args` after parsing."""
 
     def __init__(self, prog: str, doc: str, argv: Sequence[str] | None, *, config: str | None = None,
-                 config_help: str = "config file (configs/X.py[:ARGS]); overrides: --config.KEY=VALUE"):
+                 config_help: str = "config file (configs/X.py[:ARGS]); overrides: --config.KEY=VALUE",
+                 positional: Sequence[str] = ()):
         self.prog, self.doc = prog, doc
         self.argv = [prog, *(sys.argv[1:] if argv is None else [str(a) for a in argv])]
+        self.positional = tuple(positional)
+        self.args: list[str] = []
         self.flags = flags.FlagValues()
         self.has_config = config is not None
         if self.has_config:
@@ -91,6 +117,13 @@ class Command:
         if any(a in ("-h", "--help", "-help", "--helpfull") for a in self.argv[1:]):
             print(f"usage: {self.prog} [flags]\n\n{self.doc.strip()}\n\nflags:\n{self.flags.get_help()}")
             raise SystemExit(0)
+        if self.positional:
+            self.args, rest = split_positional(self.argv[1:], self.flags)
+            self.argv = [self.argv[0], *rest]
+            if len(self.args) != len(self.positional):
+                print(f"{self.prog}: error: expected {' '.join(self.positional)}, got {self.args or 'none'}; "
+                      "see --help", file=sys.stderr)
+                raise SystemExit(EXIT_USAGE)
         try:
             rest = self.flags(self.argv)
             if self.has_config:
@@ -118,13 +151,14 @@ class Command:
         config.update_from_flattened_dict(dict(flag.override_values))
         return config
 
-    def run(self, body: Callable[[], int | None]) -> int:
-        """Run `body` with quiet library logging; user errors become one line and exit status 2."""
+    def run(self, body: Callable[[], int | None], *, errors: tuple[type[BaseException], ...] | None = None) -> int:
+        """Run `body` with quiet library logging; user errors (`errors`, default `user_errors()`) become one
+        line and exit status 2."""
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs every file it writes, and notes at WARNING
         try:
             return int(body() or 0)
-        except user_errors() as e:
+        except (errors or user_errors()) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"{self.prog}: error: {message}", file=sys.stderr)
             return EXIT_USAGE

@@ -487,7 +487,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_with_worker_pool(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     make_voc(raw)
-    result = _cli("voc20", "--raw", str(raw), "--out", str(out), "--workers", "2", "--no-count-check")
+    result = _cli("voc20", "--raw", str(raw), "--out", str(out), "--workers", "2", "--nocount-check")
     assert result.returncode == 0, result.stderr
     voc = out / "VOCdevkit/VOC2012"
     np.testing.assert_array_equal(_read(voc / "annotations_detectron2/val/2007_000033.png"), VOC_EXPECTED)
@@ -501,11 +501,11 @@ def test_cli_help_and_errors(tmp_path):
     help_text = _cli("--help").stdout
     for needle in ("stuffthingmaps_trainval2017.zip", "ADEChallengeData2016.zip", "index_ade20k.pkl",
                    "trainval_merged.json", "trainval.tar.gz", "pascalcontext_val.txt", "SegmentationClassAug",
-                   "--no-count-check", "--strict", "--overwrite"):
+                   "--[no]count-check", "--[no]strict", "--[no]overwrite"):
         assert needle in help_text
     (tmp_path / "raw").mkdir()
-    result = _cli("ade150", "--raw", str(tmp_path / "raw"), "--no-progress")
-    assert result.returncode == 1 and "error: missing directory" in result.stderr
+    result = _cli("ade150", "--raw", str(tmp_path / "raw"), "--noprogress")
+    assert result.returncode == 2 and "error: missing directory" in result.stderr
     assert "ADEChallengeData2016.zip" in result.stderr
 
 
@@ -612,9 +612,10 @@ def test_half_extracted_cli_exits_non_zero_with_one_error_line(tmp_path):
     raw = tmp_path / "raw"
     first_missing = _empty_coco_val_images(raw)
     result = _cli("coco_stuff_171", "--raw", str(raw), "--out", str(tmp_path / "out"), "--split", "val",
-                  "--no-progress")
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: coco_stuff_171 val: 2 of 2")
+                  "--noprogress")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        "python -m dcp_jax.data.prepare: error: coco_stuff_171 val: 2 of 2")
     assert str(first_missing) in result.stderr and "Traceback" not in result.stderr
 
 

@@ -243,6 +243,6 @@ def test_command_line_pack_and_check(folder, tmp_path, capsys):
     assert f"read it as tfds:syn --data-root {tmp_path / 'tfds'}" in out and "train 6, val 2" in out
     assert datasets.main(["tfds:syn", "--split", "val", "--data-root", str(tmp_path / "tfds"), "--check"]) == 0
     assert "every sample reads cleanly" in capsys.readouterr().out
-    assert datasets.main(["tfds:nope", "--data-root", str(tmp_path)]) == 1
+    assert datasets.main(["tfds:nope", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no TFDS dataset 'nope'") and err.count("\n") == 1
+    assert err.startswith("python -m dcp_jax.data.datasets: error: no TFDS dataset 'nope'") and err.count("\n") == 1

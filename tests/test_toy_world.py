@@ -102,11 +102,11 @@ def test_command_line(tmp_path, capsys):
     w.main(["--out", str(tmp_path / "cli"), "--num-images", "4", "--seed", "1", "--size", "32"])
     assert "folder:" in capsys.readouterr().out
     assert len(list((tmp_path / "cli/annotations/train").iterdir())) == 3
-    with pytest.raises(SystemExit) as e:  # an existing dataset is not overwritten by accident
-        w.main(["--out", str(tmp_path / "cli"), "--num-images", "4"])
-    assert e.value.code == 2 and "overwrite" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        w.main(["--out", str(tmp_path / "bad"), "--num-images", "1"])
+    # an existing dataset is not overwritten by accident
+    assert w.main(["--out", str(tmp_path / "cli"), "--num-images", "4"]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert w.main(["--out", str(tmp_path / "bad"), "--num-images", "1"]) == 2
+    assert "num_images >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         w.main(["--help"])
     assert e.value.code == 0 and "unseen" in capsys.readouterr().out

@@ -22,7 +22,7 @@ import grain
 import numpy as np
 
 from dcp_jax.data import transforms
-from dcp_jax.data.datasets import DatasetError
+from dcp_jax.data.sources import DatasetError
 
 __all__ = ["train_dataset", "eval_dataset", "make_global_batch", "shard_for_host"]
 

@@ -1,4 +1,4 @@
-"""TFDS datasets: the `tfds:NAME[:SPLIT]` spec (read through grain) and `--pack` (write one).
+"""TFDS datasets: the `tfds:NAME[:SPLIT]` spec kind (read through grain) and `--pack` (write any spec as one).
 
 TPU users keep their data as TFDS ArrayRecord datasets, often on GCS. Both directions work without
 TensorFlow: records are read with `builder.as_data_source` and images/masks are kept as encoded
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from dcp_jax.data import classnames
-from dcp_jax.data.datasets import DatasetError, SegSource, open_dataset, vocabulary_for_split
+from dcp_jax.data.sources import DatasetError, SegSource, open_dataset, register_kind, vocabulary_for_split
 
 __all__ = ["TfdsSegDataset", "open_tfds", "pack"]
 
@@ -234,6 +234,9 @@ def open_tfds(name_and_split: str, split: str, data_dir: str | None, *, full_voc
         label_offset=int(meta.get("label_offset", 0)), label_channel=int(meta.get("label_channel", 0)))
 
 
+register_kind("tfds:", open_tfds)
+
+
 # --------------------------------------------------------------------------------------------
 # packing
 
@@ -275,6 +278,44 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what a failed pack removes), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def check_pack(spec: str, splits, out_dir, *, data_root: str | None = None, name: str | None = None,
+               version: str = "1.0.0") -> tuple[dict, str, Path]:
+    """Open `spec`'s splits and check, before any work, that they can be packed as OUT_DIR/NAME/VERSION (which must
+    not exist). Returns (split -> source, name, builder_dir)."""
+    tfds = _tfds()
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    sources = {s: open_dataset(spec, s, data_root, full_vocabulary=True) for s in splits}
+    first = sources[splits[0]]
+    for s, ds in sources.items():
+        if (ds.class_names, ds.num_label_classes, ds.unseen_classes) != (
+                first.class_names, first.num_label_classes, first.unseen_classes):
+            raise DatasetError(f"{spec}: splits {splits[0]} and {s} have different vocabularies; pack them apart")
+    if first.num_label_classes >= 65535:
+        raise DatasetError(f"{spec}: {first.num_label_classes} classes do not fit a 16-bit mask")
+    name = name or _dataset_name(first.name)
+    if not tfds.core.naming.is_valid_dataset_name(name) or "/" in name or ":" in name:
+        raise DatasetError(f"--name {name!r} is not a valid TFDS dataset name; use letters, digits and _")
+    if name in tfds.list_builders(with_community_datasets=False):
+        raise DatasetError(f"{name!r} is a TFDS catalog dataset, so tfds.data_source({name!r}) would read that "
+                           "one; choose another --name")
+    if Path(out_dir).is_file():
+        raise DatasetError(f"--pack {out_dir} is a file; give a directory (new, or one that holds TFDS datasets)")
+    builder_dir = Path(out_dir) / name / version
+    if builder_dir.exists():
+        raise DatasetError(f"{builder_dir} already exists; remove it or choose another --name or --version")
+    return sources, name, builder_dir
+
+
 def pack(spec: str, splits, out_dir, *, data_root: str | None = None, name: str | None = None,
          version: str = "1.0.0", skip_bad: bool = False, progress: bool = True) -> PackReport:
     """Write `spec`'s splits as the TFDS dataset OUT_DIR/NAME/VERSION (array_record files).
@@ -284,25 +325,9 @@ def pack(spec: str, splits, out_dir, *, data_root: str | None = None, name: str 
     sample stops the pack with its message (nothing is written) unless skip_bad, which lists it.
     """
     tfds = _tfds()
-    splits = [splits] if isinstance(splits, str) else list(splits)
-    sources = {s: open_dataset(spec, s, data_root, full_vocabulary=True) for s in splits}
-    first = sources[splits[0]]
-    for s, ds in sources.items():
-        if (ds.class_names, ds.num_label_classes, ds.unseen_classes) != (
-                first.class_names, first.num_label_classes, first.unseen_classes):
-            raise DatasetError(f"{spec}: splits {splits[0]} and {s} have different vocabularies; pack them apart")
-    name = name or _dataset_name(first.name)
-    if not tfds.core.naming.is_valid_dataset_name(name) or "/" in name or ":" in name:
-        raise DatasetError(f"--name {name!r} is not a valid TFDS dataset name; use letters, digits and _")
-    if name in tfds.list_builders(with_community_datasets=False):
-        raise DatasetError(f"{name!r} is a TFDS catalog dataset, so tfds.data_source({name!r}) would read that "
-                           "one; choose another --name")
-    builder_dir = Path(out_dir) / name / version
-    if builder_dir.exists():
-        raise DatasetError(f"{builder_dir} already exists; remove it or choose another --name or --version")
+    sources, name, builder_dir = check_pack(spec, splits, out_dir, data_root=data_root, name=name, version=version)
+    splits, first = list(sources), next(iter(sources.values()))
     num_classes = first.num_label_classes
-    if num_classes >= 65535:
-        raise DatasetError(f"{spec}: {num_classes} classes do not fit a 16-bit mask")
     dtype, ignore = (np.uint8, 255) if num_classes <= 255 else (np.uint16, 65535)
     metadata = {"format": _META_FORMAT, "name": first.name, "class_names": first.class_names,
                 "num_label_classes": num_classes, "pred_to_label": first.pred_to_label.tolist(),
@@ -346,14 +371,14 @@ def pack(spec: str, splits, out_dir, *, data_root: str | None = None, name: str 
             yield from examples(split)
 
     _Pack.name = name
-    created = not (Path(out_dir) / name).exists()
+    created = _outermost_missing(Path(out_dir) / name) if "://" not in str(out_dir) else None
     if not progress:
         tfds.disable_progress_bar()
     try:
         with tempfile.TemporaryDirectory() as downloads:
             _Pack(data_dir=str(out_dir), file_format="array_record").download_and_prepare(download_dir=downloads)
     except BaseException:
-        if created:  # TFDS removes its incomplete folder; drop the empty dataset folder too
-            shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
+        if created is not None:  # TFDS removes its incomplete folder; drop the folders made for it too
+            shutil.rmtree(created, ignore_errors=True)
         raise
     return PackReport(str(builder_dir), name, counts, bad, [n for ds in sources.values() for n in ds.notes()])

@@ -19,15 +19,18 @@ the seed (and the image index, size and split).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 from PIL import Image
+
+from dcp_jax import cli
 
 IGNORE_LABEL = 255
 STUFF = ("grass", "sky", "water", "sand", "brick wall", "road", "snow", "wood")
@@ -276,6 +279,15 @@ def benchmark_sample(seed: int, split: str, index: int, size: int = 96):
     return image, label
 
 
+def _is_toy_world(path: Path) -> bool:
+    """Whether `path` holds a dataset that write_benchmark wrote (its meta.json names the generator)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("generator", "")).startswith("toy_world-")
+
+
 def write_benchmark(out, num_images: int = 240, seed: int = 0, size: int = 96, val_fraction: float = 0.25,
                     overwrite: bool = False, progress: bool = False) -> Path:
     """Write the seen/unseen segmentation benchmark folder dataset to `out` (see the module doc); returns it."""
@@ -284,10 +296,15 @@ def write_benchmark(out, num_images: int = 240, seed: int = 0, size: int = 96, v
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a directory; give a new directory to write the dataset to")
     written = [out / "images", out / "annotations", out / "classes.json", out / "meta.json"]
     if any(p.exists() for p in written):
         if not overwrite:
             raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+        if not _is_toy_world(out):  # --overwrite replaces a toy world, never the user's own data
+            raise FileExistsError(f"{out} holds files that are not a toy-world dataset (no meta.json with "
+                                  '"generator": "toy_world-..."); choose another directory')
         for p in written:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     num_val = min(max(int(round(num_images * val_fraction)), 1), num_images - 1)
@@ -307,24 +324,27 @@ def write_benchmark(out, num_images: int = 240, seed: int = 0, size: int = 96, v
     return out
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dcp_jax.data.toy_world", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (a folder dataset)")
-    parser.add_argument("--num-images", type=int, default=240, help="total images, train + val (default 240)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic for a seed)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
-    parser.add_argument("--val-fraction", type=float, default=0.25, help="fraction of images in the val split")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    args = parser.parse_args(argv)
-    try:
-        out = write_benchmark(args.out, args.num_images, args.seed, args.size, args.val_fraction, args.overwrite,
+def main(argv=None) -> int:
+    cmd = cli.Command("python -m dcp_jax.data.toy_world", __doc__, argv)
+    f = cmd.flags
+    flags.DEFINE_string("out", None, "output directory (a folder dataset)", flag_values=f)
+    flags.DEFINE_integer("num-images", 240, "total images, train + val", flag_values=f)
+    flags.DEFINE_integer("seed", 0, "random seed (the output is deterministic for a seed)", flag_values=f)
+    flags.DEFINE_integer("size", 96, "image side in pixels", flag_values=f)
+    flags.DEFINE_float("val-fraction", 0.25, "fraction of images in the val split", flag_values=f)
+    flags.DEFINE_bool("overwrite", False, "replace a toy-world dataset already in --out", flag_values=f)
+    cmd.required("out")
+    args = cmd.parse()
+
+    def body():
+        num_images = args["num-images"].value
+        out = write_benchmark(args.out, num_images, args.seed, args.size, args["val-fraction"].value, args.overwrite,
                               progress=True)
-    except (ValueError, FileExistsError) as e:
-        parser.error(str(e))
-    print(f"wrote {args.num_images} images with {len(CLASS_NAMES)} classes ({len(UNSEEN_CLASSES)} unseen: "
-          f"{', '.join(UNSEEN_CLASSES)}) to {out} (use folder:{out})")
+        print(f"wrote {num_images} images with {len(CLASS_NAMES)} classes ({len(UNSEEN_CLASSES)} unseen: "
+              f"{', '.join(UNSEEN_CLASSES)}) to {out} (use folder:{out})")
+
+    return cmd.run(body, errors=cli.INPUT_ERRORS)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
