@@ -26,7 +26,7 @@ import ml_collections
 from dcp_jax.config import parse_arg
 
 # The `:tpu` recipe's global batch: 16 images fill a v5e-8 slice at 2 per chip (16 GiB each) and a
-# v4-8 at 4 per chip (32 GiB each; XLA's plans per chip are in the README), where the paper's batch 4
+# v4-8 at 4 per chip (32 GiB each; XLA's plans per chip are in docs/performance.md), where the paper's batch 4
 # would leave chips idle (or, on 8 chips, not divide). The same number of images is seen (80k x 4 =
 # 20k x 16); the learning rate follows the square-root rule for Adam-type optimisers (Malladi et al.,
 # "On the SDEs and scaling rules for adaptive gradient algorithms", 2022): 2e-4 x sqrt(16 / 4) = 4e-4.
@@ -79,7 +79,7 @@ def get_config(arg=None):
     c.model.attention = "auto"
     # Recompute each CLIP / TGA / Swin block's and decoder layer's activations in the backward pass:
     # "none" | "full" (or "true") | "dots" (keeps the weight matmuls' outputs). Trades compute for
-    # memory (README: memory per device; models/compute.py).
+    # memory (docs/performance.md: memory per device; models/compute.py).
     c.model.remat = "none"
     c.model.dcs = ml_collections.ConfigDict(dict(
         theta=0.5,  # image-level threshold; 0 selects every class ("no DCS", Table VII)
@@ -115,7 +115,7 @@ def get_config(arg=None):
 
     # --- training (MODEL.md section 6) ---
     c.train = ml_collections.ConfigDict()
-    c.train.dataset = "coco_stuff_171"  # a dataset spec (see the README's data table)
+    c.train.dataset = "coco_stuff_171"  # a dataset spec (see the table in docs/data.md)
     c.train.data_root = ""  # "" = $DETECTRON2_DATASETS, else ./datasets
     c.train.batch_size = 4  # global batch, split over every device of every host
     c.train.crop_size = 384

@@ -3,7 +3,7 @@ r"""DCP-CLIP, OpenAI CLIP ViT-L/14@336px, trained on COCO-Stuff-171 (the paper's
 Launch (an HF checkpoint dir of openai/clip-vit-large-patch14-336 or OpenAI's ViT-L-14-336px.pt). One
 image per device needs no FSDP: XLA plans 8.2 GiB per device for the train step (bfloat16, K = 32; 4.8 GiB
 with `--config.mesh.fsdp=4`, which then all-gathers the ~1.7 GB of weights every step), so a 24 GB card
-holds it; the README's "Memory per device" has the figures and how they were made.
+holds it; "Memory per device" in docs/performance.md has the figures and how they were made.
 
     python -m dcp_jax.train --config configs/dcp_vitl14_coco_stuff.py --workdir W \
         --config.clip.checkpoint=/path/to/clip-vit-large-patch14-336
