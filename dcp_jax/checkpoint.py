@@ -42,6 +42,7 @@ METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 EVAL_DIR = "eval"
 TINY_CLIP_DIR = "tiny_clip"
+TOY_CLIP_DIR = "toy_clip"  # the toy CLIP, when the cache cannot hold it (a read-only $DCP_JAX_CACHE)
 LOCK_NAME = ".train.lock"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "bpe_simple_vocab_16e6.txt.gz")

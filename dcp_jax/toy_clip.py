@@ -16,7 +16,6 @@ directory, training it only when it is missing. The default recipe trains in 1.5
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -235,10 +234,26 @@ def cache_root() -> Path:
     return files.cache_dir("toy_clip")
 
 
-def ensure_toy_clip(recipe: Recipe | None = None, *, progress: bool = True) -> Path:
-    """The checkpoint directory of `recipe` (default DEFAULT_RECIPE), trained and cached on the first call."""
+def root_for(fallback: Path, recipe: Recipe | None = None) -> Path:
+    """Where `recipe`'s toy CLIP lives: the cache, unless the cache neither holds it nor can be written (a
+    read-only cache is never written): then `fallback`, with a note."""
     recipe = recipe or DEFAULT_RECIPE
-    final = cache_root() / recipe.key()
+    root = cache_root()
+    if (root / recipe.key() / RECIPE_FILE).is_file():
+        return root
+    try:
+        files.check_writable_dir(root, "the toy CLIP cache")
+    except ValueError as e:
+        print(f"note: {e}; the toy CLIP is trained into {fallback} instead", file=sys.stderr)
+        return Path(fallback)
+    return root
+
+
+def ensure_toy_clip(recipe: Recipe | None = None, *, progress: bool = True, root: Path | None = None) -> Path:
+    """The checkpoint directory of `recipe` (default DEFAULT_RECIPE) under `root` (default the cache), trained
+    there on the first call."""
+    recipe = recipe or DEFAULT_RECIPE
+    final = Path(root or cache_root()) / recipe.key()
     if (final / RECIPE_FILE).is_file():  # written last: its presence means a complete checkpoint
         return final
     with files.waiting_lock(final.with_name(final.name + ".lock")):  # another process may be training it
@@ -258,35 +273,46 @@ def format_zero_shot(z: dict) -> str:
             f"among all {len(toy_world.CLASS_NAMES)} (chance {z['stuff_chance_all']:.1f}%)")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dcp_jax.toy_clip", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="copy the checkpoint directory here (default: only print the cached path)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (the weights are deterministic for it)")
-    parser.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_RECIPE.steps}; "
-                                                  f"{TEST_RECIPE.steps} with --quick)")
-    parser.add_argument("--quick", action="store_true", help="the reduced recipe the tests use (under a minute)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a toy CLIP already in --out")
-    args = parser.parse_args(argv)
-    recipe = TEST_RECIPE if args.quick else DEFAULT_RECIPE
-    recipe = dataclasses.replace(recipe, seed=args.seed, steps=args.steps or recipe.steps)
-    if recipe.steps < 1:
-        parser.error("--steps must be >= 1")
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and any(out.iterdir()):
-        if not (args.overwrite and (out / RECIPE_FILE).is_file()):
-            parser.error(f"{out} is not empty" + ("; pass --overwrite to replace the toy CLIP in it"
-                                                  if (out / RECIPE_FILE).is_file() else ""))
+def main(argv=None) -> int:
+    from absl import flags
 
-    path = ensure_toy_clip(recipe)
-    report = json.loads((path / RECIPE_FILE).read_text())
-    print(f"toy CLIP: {path} (trained in {report['train_seconds']:.0f} s)")
-    print(format_zero_shot(report["zero_shot"]))
-    if out is not None:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(path, out)
-        print(f"copied to {out}")
+    from dcp_jax import cli
+    cmd = cli.Command("python -m dcp_jax.toy_clip", __doc__, argv)
+    f = cmd.flags
+    flags.DEFINE_string("out", None, "copy the checkpoint directory here (default: only print the cached path)",
+                        flag_values=f)
+    flags.DEFINE_integer("seed", 0, "training seed (the weights are deterministic for it)", flag_values=f)
+    flags.DEFINE_integer("steps", None, f"training steps (default {DEFAULT_RECIPE.steps}; {TEST_RECIPE.steps} "
+                         "with --quick)", flag_values=f)
+    flags.DEFINE_bool("quick", False, "the reduced recipe the tests use (under a minute)", flag_values=f)
+    flags.DEFINE_bool("overwrite", False, "replace a toy CLIP already in --out", flag_values=f)
+    args = cmd.parse()
+
+    def body():
+        recipe = TEST_RECIPE if args.quick else DEFAULT_RECIPE
+        recipe = dataclasses.replace(recipe, seed=args.seed, steps=args.steps or recipe.steps)
+        if recipe.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        out = Path(args.out) if args.out else None
+        if out is not None:
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--out {out} is a file; give a directory")
+            if out.exists() and any(out.iterdir()) and not (args.overwrite and (out / RECIPE_FILE).is_file()):
+                raise ValueError(f"--out {out} is not empty" + ("; pass --overwrite to replace the toy CLIP in it"
+                                                                if (out / RECIPE_FILE).is_file() else ""))
+            files.check_writable_dir(out.parent, "--out's folder")
+        root = root_for(Path(tempfile.mkdtemp(prefix="dcp_toy_clip_")), recipe)
+        path = ensure_toy_clip(recipe, root=root)
+        report = json.loads((path / RECIPE_FILE).read_text())
+        print(f"toy CLIP: {path} (trained in {report['train_seconds']:.0f} s)")
+        print(format_zero_shot(report["zero_shot"]))
+        if out is not None:
+            with files.atomic_directory(out, overwrite=True) as tmp:
+                shutil.copytree(path, tmp, dirs_exist_ok=True)
+            print(f"copied to {out}")
+
+    return cmd.run(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

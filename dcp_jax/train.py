@@ -50,13 +50,14 @@ class NonFiniteLossError(RuntimeError):
 
 def clip_checkpoint_path(config, workdir: Path, *, create: bool) -> Path:
     """The CLIP weights (and tokenizer) a run starts from: clip.checkpoint; "toy:" = the toy CLIP pre-trained
-    here (dcp_jax.toy_clip, cached under $DCP_JAX_CACHE); "" writes a random tiny CLIP into W."""
+    here (dcp_jax.toy_clip, cached under $DCP_JAX_CACHE, or in W/toy_clip when that cache is read-only); "" writes a random tiny CLIP into W."""
     if config.clip.checkpoint == "toy:":
         from dcp_jax import toy_clip
+        root = toy_clip.root_for(workdir / ckpt_lib.TOY_CLIP_DIR)  # the cache, or W when the cache is read-only
         if distributed.is_primary():
-            toy_clip.ensure_toy_clip()
+            toy_clip.ensure_toy_clip(root=root)
         distributed.sync("toy_clip")
-        return toy_clip.ensure_toy_clip()  # cached by now
+        return toy_clip.ensure_toy_clip(root=root)  # there by now
     if config.clip.checkpoint:
         path = Path(config.clip.checkpoint).expanduser()
         if not path.exists():

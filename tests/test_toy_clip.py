@@ -97,9 +97,24 @@ def test_command_line(checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chance" in out and str(checkpoint) in out
     assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit) as e:  # a non-empty --out needs --overwrite
-        toy_clip.main(["--quick", "--out", str(tmp_path / "copy")])
-    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    # a non-empty --out needs --overwrite
+    assert toy_clip.main(["--quick", "--out", str(tmp_path / "copy")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         toy_clip.main(["--help"])
     assert e.value.code == 0
+
+
+def test_a_cache_that_cannot_be_written_is_not_written(monkeypatch, tmp_path, capsys):
+    """A read-only $DCP_JAX_CACHE (here its parent is a file: unwritable for root too) is left alone: the toy CLIP
+    goes to the fallback folder (the trainer's workdir), with a note; a writable cache is used as before."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("DCP_JAX_CACHE", str(blocker / "cache"))
+    assert toy_clip.root_for(tmp_path / "run" / "toy_clip") == tmp_path / "run" / "toy_clip"
+    err = capsys.readouterr().err
+    assert err.startswith("note: the toy CLIP cache") and "trained into" in err and str(blocker) in err
+    assert blocker.read_text() == "not a directory"
+    monkeypatch.setenv("DCP_JAX_CACHE", str(tmp_path / "cache"))
+    assert toy_clip.root_for(tmp_path / "run" / "toy_clip") == tmp_path / "cache" / "toy_clip"
+    assert capsys.readouterr().err == "" and not (tmp_path / "run").exists()
