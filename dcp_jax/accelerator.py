@@ -127,7 +127,7 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
     batch = {"image": jax.device_put(rng.integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8), data),
              "label": jax.device_put(rng.integers(0, TRAIN_CLASSES, (batch_size, crop, crop), dtype=np.int32), data)}
     text = jnp.asarray(measure.random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
-    tokens = measure.random_text_tokens(config, TRAIN_CLASSES)
+    tokens = measure.random_text_tokens(config, model.clip.config.text.vocab_size, TRAIN_CLASSES)
     start = time.perf_counter()
     compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text,
                                                                                       *tokens).compile()
@@ -261,11 +261,12 @@ def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
         crop, data = int(config.train.crop_size), distributed.batch_sharding(mesh)
         batch = {"image": jax.ShapeDtypeStruct((batch_size, crop, crop, 3), jnp.uint8, sharding=data),
                  "label": jax.ShapeDtypeStruct((batch_size, crop, crop), jnp.int32, sharding=data)}
-        dim = build.clip_config_for(config).projection_dim
+        clip_config = build.clip_config_for(config)
+        dim = clip_config.projection_dim
         text = jax.ShapeDtypeStruct((num_classes, dcp.num_templates(config), dim), jnp.float32,
                                     sharding=distributed.replicated(mesh))
         tokens = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=distributed.replicated(mesh)),
-                              measure.random_text_tokens(config, num_classes))
+                              measure.random_text_tokens(config, clip_config.text.vocab_size, num_classes))
         compiled = train.make_train_step(config, graphdef, shardings, num_classes).lower(state, batch, text,
                                                                                          *tokens).compile()
     m = compiled.memory_analysis()

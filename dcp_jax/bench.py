@@ -81,13 +81,14 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
     optimizer = optim.make_optimizer(config, model)
     graphdef, state = nnx.split((model, optimizer))
     shardings = distributed.tree_shardings(state, mesh, config.mesh)
+    state = jax.device_put(state, shardings)  # onto the one device, wherever the caller's model lives
     step = train.make_train_step(config, graphdef, shardings, num_classes)
     crop = int(config.train.crop_size)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (1, crop, crop, 3)), jnp.uint8),
              "label": jnp.asarray(rng.integers(0, num_classes, (1, crop, crop)), jnp.int32)}
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
-    tokens = random_text_tokens(config, num_classes)
+    tokens = random_text_tokens(config, model.clip.config.text.vocab_size, num_classes)
     compiled = step.lower(state, batch, text, *tokens).compile()
     gflops, memory = compiled_stats(compiled)
     if has_loops(model):
@@ -98,7 +99,7 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
               "train_device_peak_gib": None}
     if too_big_to_run(memory):
         return result
-    holder = {"state": jax.device_put(state, shardings)}
+    holder = {"state": state}
 
     def once():
         holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)

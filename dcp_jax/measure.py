@@ -20,7 +20,7 @@ from flax import nnx
 
 from dcp_jax import forward, inference
 from dcp_jax import config as config_lib
-from dcp_jax.models import build, compute, dcp, selection
+from dcp_jax.models import compute, dcp, selection
 
 GIB = 2**30
 
@@ -67,12 +67,12 @@ def random_text(num_classes: int, num_templates: int, dim: int, seed: int = 0) -
 TOKENS_PER_PROMPT = 16  # random stand-in prompts for the step's text re-encoding (CLIP prompts: ~8-20 tokens)
 
 
-def random_text_tokens(config, num_classes: int, seed: int = 0) -> tuple:
+def random_text_tokens(config, vocab_size: int, num_classes: int, seed: int = 0) -> tuple:
     """(guidance_tokens, cost_tokens) for a train step of `config`, random ids of TOKENS_PER_PROMPT tokens:
     what the step re-encodes (a learnt context or clip.text_finetune) costs what real prompts of that length
-    cost. None where the config re-encodes nothing."""
+    cost. None where the config re-encodes nothing. `vocab_size`: the model's (model.clip.config.text), not
+    the config's, whose clip.checkpoint may be "toy:", which names no architecture."""
     rng = np.random.default_rng(seed)
-    vocab_size = build.clip_config_for(config).text.vocab_size
 
     def tokens(*shape):
         ids = rng.integers(1, vocab_size - 2, (*shape, TOKENS_PER_PROMPT), dtype=np.int32)

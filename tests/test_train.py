@@ -134,7 +134,7 @@ def test_demo_config_runs_a_few_steps_and_evaluates(tmp_path, toy_clip_checkpoin
     """The demo's recipe end to end, on the tests' quicker toy CLIP (clip.checkpoint "toy:" resolves to it)."""
     from dcp_jax import toy_clip
 
-    monkeypatch.setattr(toy_clip, "ensure_toy_clip", lambda: toy_clip_checkpoint)
+    monkeypatch.setattr(toy_clip, "ensure_toy_clip", lambda **_: toy_clip_checkpoint)
     config = demo.get_config()
     config.total_steps = 2
     config.train.synthetic_images = 24
@@ -151,6 +151,10 @@ def test_demo_config_runs_a_few_steps_and_evaluates(tmp_path, toy_clip_checkpoin
     out = capsys.readouterr().out
     assert "| model | toy_world | toy_world seen | toy_world unseen | toy_world hIoU |" in out
     assert "| DCP-CLIP, step 2 |" in out and "| zero-shot CLIP |" in out
+    # the ablation's Table VII cost of this row: its config names "toy:", no architecture (this once failed)
+    from dcp_jax import ablate, config as config_lib
+    cost = ablate.train_step_cost(config_lib.resolve_workdir(config, tmp_path), tmp_path)
+    assert cost["train_memory_gib"] > 0 and cost["train_step_s"] > 0
 
 
 @pytest.mark.parametrize("overrides", [{"model.guidance.prompt": "context", "clip.text_finetune": "guidance"},
