@@ -291,8 +291,10 @@ def combine_views(logits, slot_class, slot_valid, *, mode: str = "slide", crop: 
                           canvas=int(canvas), out_shape=out_shape, chunk=int(chunk))
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "crop", "stride", "canvas", "out_shape", "chunk"))
-def _combine_views(logits, slot_class, slot_valid, out_sizes, *, mode, crop, stride, canvas, out_shape, chunk):
+def _class_scores(logits, slot_class, slot_valid, out_sizes, *, mode, crop, stride, canvas, out_shape, chunk):
+    """What combine_views and top_classes reduce: (num_chunks, scores) where scores(i) gives chunk i of the
+    images' candidate classes, (classes [B,c] ascending, score [B,c,H,W]): the views' sigmoid probabilities
+    combined as CAT-Seg does, at each image's output size; -inf for padding classes. Traced inside their jit."""
     b, v, k, h, w = logits.shape
     merged, first = _merge_duplicate_slots(logits, slot_class, slot_valid)
     union, union_valid = _union_classes(slot_class, first, chunk)
@@ -322,8 +324,7 @@ def _combine_views(logits, slot_class, slot_valid, out_sizes, *, mode, crop, str
         global_view = _resize_2d(prob[:, :, -1], global_taps, global_taps)
         return 0.5 * (crops_sum * inv_count) + 0.5 * global_view
 
-    def score_chunk(i, carry):
-        best, labels = carry
+    def scores(i):
         classes = jax.lax.dynamic_slice_in_dim(union, i * chunk, chunk, axis=1)  # [B,c]
         valid = jax.lax.dynamic_slice_in_dim(union_valid, i * chunk, chunk, axis=1)
         match = (classes[:, :, None, None] == slot_class[:, None]) & first[:, None]  # [B,c,V,K]
@@ -334,21 +335,84 @@ def _combine_views(logits, slot_class, slot_valid, out_sizes, *, mode, crop, str
         if mode == "slide":  # upsample to the crop before the sigmoid (CAT-Seg)
             z = _resize_2d(z, *up_taps)
         prob = jnp.where(present[..., None, None], jax.nn.sigmoid(z), 0.0)
-        board = board_of(prob)
-        score = jax.vmap(_resize_2d)(board, out_taps_y, out_taps_x)  # [B,c,H,W]
-        score = jnp.where(valid[:, :, None, None], score, -jnp.inf)
+        score = jax.vmap(_resize_2d)(board_of(prob), out_taps_y, out_taps_x)  # [B,c,H,W]
+        return classes, jnp.where(valid[:, :, None, None], score, -jnp.inf)
+
+    num_chunks = (jnp.max(jnp.sum(union_valid, axis=1)) + chunk - 1) // chunk  # only chunks holding classes
+    return num_chunks, scores
+
+
+def _inside(out_sizes, out_shape):
+    """[B,H,W] True on each image's own pixels of the padded output."""
+    return ((jnp.arange(out_shape[0])[None, :, None] < out_sizes[:, 0, None, None])
+            & (jnp.arange(out_shape[1])[None, None, :] < out_sizes[:, 1, None, None]))
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "crop", "stride", "canvas", "out_shape", "chunk"))
+def _combine_views(logits, slot_class, slot_valid, out_sizes, *, mode, crop, stride, canvas, out_shape, chunk):
+    num_chunks, scores = _class_scores(logits, slot_class, slot_valid, out_sizes, mode=mode, crop=crop,
+                                       stride=stride, canvas=canvas, out_shape=out_shape, chunk=chunk)
+    b = logits.shape[0]
+
+    def best_of_chunk(i, carry):
+        best, labels = carry
+        classes, score = scores(i)
         arg = jnp.argmax(score, axis=1)
         chunk_best = jnp.max(score, axis=1)
         chunk_labels = jnp.take_along_axis(classes, arg.reshape(b, -1), axis=1).reshape(arg.shape)
         better = chunk_best > best  # strict: earlier (smaller) class ids win exact ties
         return jnp.where(better, chunk_best, best), jnp.where(better, chunk_labels, labels)
 
-    num_chunks = (jnp.max(jnp.sum(union_valid, axis=1)) + chunk - 1) // chunk  # only chunks holding classes
     init = (jnp.full((b, *out_shape), -jnp.inf, jnp.float32), jnp.zeros((b, *out_shape), jnp.int32))
-    _, labels = jax.lax.fori_loop(0, num_chunks, score_chunk, init)
-    inside = ((jnp.arange(out_shape[0])[None, :, None] < out_sizes[:, 0, None, None])
-              & (jnp.arange(out_shape[1])[None, None, :] < out_sizes[:, 1, None, None]))
-    return jnp.where(inside, labels, -1)
+    _, labels = jax.lax.fori_loop(0, num_chunks, best_of_chunk, init)
+    return jnp.where(_inside(out_sizes, out_shape), labels, -1)
+
+
+def top_classes(logits, slot_class, slot_valid, *, mode: str = "slide", crop: int = 384, stride: int = 256,
+                canvas: int = 640, out_hw, out_shape: Sequence[int] | None = None, chunk: int = 16,
+                top: int = 5) -> tuple[jax.Array, jax.Array]:
+    """Each pixel's `top` best classes with their scores: the per-class scores that `combine_views` argmaxes
+    (the views' sigmoid probabilities combined as CAT-Seg does, in 0..1), ranked instead of argmaxed.
+
+    Arguments as `combine_views` (out_hw must be concrete unless `out_shape` is given). Returns
+    (classes int32 [B,H,W,top], scores float32 [B,H,W,top]), best first, exact ties to the smaller class id,
+    so classes[..., 0] equals combine_views' labels inside each image (an image with valid slots). Ranks past
+    an image's candidate classes, and pixels outside its out_hw, hold class -1 with score -inf.
+    """
+    _check_mode(mode)
+    logits = jnp.asarray(logits, jnp.float32)
+    b, v, k = logits.shape[:3]
+    if logits.ndim != 5 or np.shape(slot_class) != (b, v, k) or np.shape(slot_valid) != (b, v, k):
+        raise ValueError(f"logits {logits.shape} must be [B,V,K,h,w] and slot_class {np.shape(slot_class)} / "
+                         f"slot_valid {np.shape(slot_valid)} [B,V,K]")
+    if out_shape is None:
+        out_shape = np.asarray(out_hw, np.int64).reshape(-1, 2).max(axis=0)
+    return _top_classes(logits, jnp.asarray(slot_class, jnp.int32), jnp.asarray(slot_valid, bool),
+                        _per_image_sizes(out_hw, b, "out_hw"), mode=mode, crop=int(crop), stride=int(stride),
+                        canvas=int(canvas), out_shape=tuple(int(n) for n in out_shape), chunk=int(chunk),
+                        top=int(top))
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "crop", "stride", "canvas", "out_shape", "chunk", "top"))
+def _top_classes(logits, slot_class, slot_valid, out_sizes, *, mode, crop, stride, canvas, out_shape, chunk, top):
+    num_chunks, scores = _class_scores(logits, slot_class, slot_valid, out_sizes, mode=mode, crop=crop,
+                                       stride=stride, canvas=canvas, out_shape=out_shape, chunk=chunk)
+
+    def top_of_chunk(i, carry):
+        best, best_ids = carry  # [B,H,W,top]
+        classes, score = scores(i)
+        score = jnp.moveaxis(score, 1, -1)  # [B,H,W,c]
+        # The running best come first: lax.top_k keeps the lower index on exact ties, i.e. the smaller class.
+        values = jnp.concatenate([best, score], axis=-1)
+        ids = jnp.concatenate([best_ids, jnp.broadcast_to(classes[:, None, None, :], score.shape)], axis=-1)
+        best, order = jax.lax.top_k(values, top)
+        return best, jnp.take_along_axis(ids, order, axis=-1)
+
+    b = logits.shape[0]
+    init = (jnp.full((b, *out_shape, top), -jnp.inf, jnp.float32), jnp.full((b, *out_shape, top), -1, jnp.int32))
+    best, classes = jax.lax.fori_loop(0, num_chunks, top_of_chunk, init)
+    keep = _inside(out_sizes, out_shape)[..., None] & (best > -jnp.inf)
+    return jnp.where(keep, classes, -1), jnp.where(keep, best, -jnp.inf)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ and the combination of the views at the original size (dcp_jax/inference.py). `e
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -55,8 +56,8 @@ class Segmenter:
         # The vocabulary's template embeddings in float32, whatever the model computes in.
         self._text_model = clip_lib.with_compute(local_model) if zero_shot else local_model.frozen_text_clip()
         self.class_names: list[str] | None = None
-        # {"selected", "bucket", "relabelled", "dropped" (per image: selected classes beyond the cap)} of the
-        # last batch (not for zero-shot)
+        # {"selected", "bucket", "relabelled" (slots tag validation relabelled in the batch's images),
+        #  "dropped" (per image: selected classes beyond the cap)} of the last batch (not for zero-shot)
         self.last_slots: dict | None = None
         runtime.enable_compilation_cache()
 
@@ -74,6 +75,18 @@ class Segmenter:
         clip_model, _ = clip_lib.load_clip(clip_path, image_size=config.clip.image_size,
                                            dtype=dcp.compute_dtype(config))
         return cls(clip_model, config, text_lib.load_tokenizer(clip_path), zero_shot=True)
+
+    # -- what benchmarks measure ---------------------------------------------------------------
+    def model(self):
+        """The model with its parameters on this host's devices (a DCPCLIP, or the CLIP for zero-shot)."""
+        return nnx.merge(self._graphdef, self._params)
+
+    @property
+    def text_embeddings(self) -> jax.Array:
+        """The vocabulary's template embeddings [C, templates, D] in float32, as selection reads them."""
+        if self.class_names is None:
+            raise RuntimeError("call set_vocabulary(class_names) first")
+        return self._text_embeds
 
     # -- vocabulary -----------------------------------------------------------------------------
     def set_vocabulary(self, class_names: Sequence[str]) -> None:
@@ -165,9 +178,9 @@ class Segmenter:
         self.last_slots = None
         labels = inference.predict_labels(self.forward_views, batch, image_hw=in_hw,
                                           out_hw=np.array(out_sizes, np.int32), out_shape=out_shape,
-                                          finish=self._validate_final, **self.geometry())
+                                          finish=functools.partial(self._validate_final, num_images=n),
+                                          **self.geometry())
         if self.last_slots is not None:  # the padding images do not count
-            self.last_slots["relabelled"] = int(self.last_slots["relabelled"][:n].sum())
             self.last_slots["dropped"] = self.last_slots["dropped"][:n]
         return labels[:n]
 
@@ -196,16 +209,70 @@ class Segmenter:
         # dense features of its whole-image view (the last view in slide mode, the only one in whole mode).
         self._tv_inputs = (ranked["slot_class"][:, :k], ranked["slot_valid"][:, :k],
                            features["dense"][per_image - 1::per_image])
-        self.last_slots = {"selected": selected, "bucket": k, "relabelled": np.zeros(len(dropped), np.int64),
-                           "dropped": dropped}
+        self.last_slots = {"selected": selected, "bucket": k, "relabelled": 0, "dropped": dropped}
         return out
 
-    def _validate_final(self, labels: jax.Array, out_sizes: jax.Array) -> jax.Array:
-        """Tag validation on the combined label maps (MODEL.md section 5); records relabels per image."""
+    def _validate_final(self, labels: jax.Array, out_sizes: jax.Array, *, num_images: int) -> jax.Array:
+        """Tag validation on the combined label maps (MODEL.md section 5); counts the slots it relabelled in
+        the first `num_images` images (the rest are the batch's padding)."""
         if self.zero_shot or not self.config.model.tv.enabled:
             return labels
         slot_class, slot_valid, dense = self._tv_inputs
         labels, relabelled = forward.validate_labels(labels, out_sizes, slot_class, slot_valid, dense,
                                                      self._text_embeds, self._seen, k=int(self.config.model.tv.k))
-        self.last_slots["relabelled"] = np.asarray(jax.device_get(relabelled)).sum(-1)
+        self.last_slots["relabelled"] = int(np.asarray(jax.device_get(relabelled))[:num_images].sum())
         return labels
+
+    # -- one image, explained (the serve page) ---------------------------------------------------
+    def segment_details(self, image: np.ndarray, *, top: int = 5) -> dict:
+        """One image's label map, the same as `segment([image])[0]`, with what made it:
+
+          labels       int32 [H,W] vocabulary ids
+          top_classes  int32 [H,W,top] each pixel's best classes by the views' combined score (before tag
+                       validation), best first, -1 past the image's candidates; top_scores float32 [H,W,top]
+                       their scores (0..1)
+          selected     the vocabulary ids decoded for the image, ranked as selection ranked them (None for
+                       zero-shot); dropped: selected classes beyond the largest bucket, never decoded
+          bucket       K, the slot bucket the head ran on (None for zero-shot)
+          relabels     [(from id, to id, pixels)]: the regions tag validation relabelled
+        """
+        if self.class_names is None:
+            raise RuntimeError("call set_vocabulary(class_names) before segment_details()")
+        kept = {}
+
+        def forward(views):
+            kept["views"] = self.forward_views(views)
+            return kept["views"]
+
+        def finish(labels, out_sizes):
+            kept["before"] = labels
+            return self._validate_final(labels, out_sizes, num_images=1)
+
+        # _segment_batch's path for one image (padded to the batch size: the same compiled programs).
+        size = tuple(image.shape[:2])
+        resized = transforms.eval_resize(image, self.config.eval.short_side)
+        in_shape, out_shape = inference.bucket_shape(resized.shape[:2]), inference.bucket_shape(size)
+        batch = np.zeros((self.batch_size, *in_shape, 3), np.uint8)
+        batch[:, :resized.shape[0], :resized.shape[1]] = resized
+        batch = jax.device_put(batch, distributed.batch_sharding(self.mesh))
+        in_hw = np.array([resized.shape[:2]] * self.batch_size, np.int32)
+        out_hw = np.array([size] * self.batch_size, np.int32)
+        self.last_slots = None
+        labels = inference.predict_labels(forward, batch, image_hw=in_hw, out_hw=out_hw, out_shape=out_shape,
+                                          finish=finish, **self.geometry())[0]
+        per_image = inference.num_views(**self.geometry())
+        logits, slot_class, slot_valid = inference.split_views(kept["views"], self.batch_size, per_image)
+        classes, scores = inference.top_classes(logits[:1], slot_class[:1], slot_valid[:1], out_hw=out_hw[:1],
+                                                out_shape=out_shape, top=top, **self.geometry())
+        h, w = size
+        before = np.asarray(kept["before"])[0, :h, :w]
+        changed = before != labels
+        pairs, counts = np.unique(np.stack([before[changed], labels[changed]]), axis=1, return_counts=True)
+        first_view = np.asarray(jax.device_get(slot_class[0, 0])), np.asarray(jax.device_get(slot_valid[0, 0]))
+        slots = self.last_slots
+        return {"labels": labels, "top_classes": np.asarray(classes)[0, :h, :w],
+                "top_scores": np.asarray(scores)[0, :h, :w],
+                "selected": None if slots is None else [int(c) for c in first_view[0][first_view[1]]],
+                "dropped": 0 if slots is None else int(slots["dropped"][0]),
+                "bucket": None if slots is None else int(slots["bucket"]),
+                "relabels": [(int(a), int(b), int(n)) for (a, b), n in zip(pairs.T, counts)]}
