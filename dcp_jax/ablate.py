@@ -18,7 +18,8 @@ the recipe's theta the DCP-CLIP row, so only the others train anew), with the cl
 image, and the training step's XLA memory plan and time at batch 1 (as `bench --train` measures them).
 Then the inference sweep: the seed-0 full model evaluated at each `--thetas`, with the head's GFLOPs
 at the slot buckets the selections needed. Each training run lives in DIR/<row>/seed_<i> and resumes
-there, so a second call only re-evaluates. Writes DIR/ablation.md and DIR/ablation.json.
+there, so a second call only re-evaluates; the evaluations of untrained rows go to DIR/no_tv/seed_<i>,
+DIR/zero_shot_clip/seed_0 and DIR/theta_sweep/<theta>. Writes DIR/ablation.md and DIR/ablation.json.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import ml_collections
 
 from dcp_jax import cli, files, runtime
 from dcp_jax import config as config_lib
-from dcp_jax import evaluate, train
+from dcp_jax import evaluate, measure, train
 from dcp_jax.segmenter import Segmenter
 
 # Table III's rows: the config changes of each trained variant.
@@ -74,13 +75,9 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def mean_head_gflops(segmenter: Segmenter, buckets: dict) -> float:
     """The head's GFLOPs per image (one view) averaged over the slot buckets the images needed."""
-    from flax import nnx
-
-    from dcp_jax.bench import Bench
-
-    bench = Bench(segmenter.config, nnx.merge(segmenter._graphdef, segmenter._params), mode="whole")
+    bench = measure.Bench(segmenter.config, segmenter.model(), mode="whole")
     counts = {int(k): n for k, n in buckets.items()}
-    return sum(bench.head_gflops(segmenter._text_embeds, k) * n for k, n in counts.items()) / sum(counts.values())
+    return sum(bench.head_gflops(segmenter.text_embeddings, k) * n for k, n in counts.items()) / sum(counts.values())
 
 
 def train_step_cost(config, workdir: Path) -> dict:
@@ -118,19 +115,20 @@ def run(config, out: Path, thetas, *, seeds: int = 1, train_thetas=(0.0, 0.9)) -
         full = config_lib.resolve_workdir(_variant(config, {"seed": int(config.seed) + i}), workdir)
         specs = evaluate.parse_specs(full.eval.datasets)  # with {workdir} resolved
         common = dict(workdir=workdir, step=full.total_steps, data_root=full.eval.data_root or None,
-                      print_table=False, out_dir=out / "eval_scratch")
+                      print_table=False)
         no_tv = _variant(full, {"model.tv.enabled": False})
         per_seed["w/o TV"].append(_scores(evaluate.evaluate_datasets(Segmenter.from_workdir(workdir, no_tv), specs,
-                                                                     **common)))
+                                                                     out_dir=_directory(out, "w/o TV", i), **common)))
     rows = {name: summarise(scores) for name, scores in per_seed.items()}
     workdir = _directory(out, "DCP-CLIP", 0)
     full = config_lib.resolve_workdir(_variant(config, {}), workdir)
     specs = evaluate.parse_specs(full.eval.datasets)
     common = dict(workdir=workdir, step=full.total_steps, data_root=full.eval.data_root or None,
-                  print_table=False, out_dir=out / "eval_scratch")
+                  print_table=False)
     clip_path = train.clip_checkpoint_path(full, workdir, create=False)
-    rows["zero-shot CLIP"] = summarise([_scores(evaluate.evaluate_datasets(Segmenter.from_clip(clip_path, full), specs,
-                                                                           **common))])
+    zero_shot = Segmenter.from_clip(clip_path, full)
+    rows["zero-shot CLIP"] = summarise([_scores(evaluate.evaluate_datasets(
+        zero_shot, specs, out_dir=_directory(out, "zero-shot CLIP", 0), **common))])
     theta_rows = {0.0: "w/o DCS", recipe_theta: "DCP-CLIP",
                   **{float(t): f"theta {float(t):g}" for t in train_thetas if float(t) not in (0.0, recipe_theta)}}
     trained_thetas = {}
@@ -140,7 +138,8 @@ def run(config, out: Path, thetas, *, seeds: int = 1, train_thetas=(0.0, 0.9)) -
     sweep = {}
     for theta in thetas:
         segmenter = Segmenter.from_workdir(workdir, _variant(full, {"model.dcs.theta": float(theta)}))
-        row = _scores(evaluate.evaluate_datasets(segmenter, specs, **common))
+        row = _scores(evaluate.evaluate_datasets(segmenter, specs, out_dir=out / "theta_sweep" / f"{theta:g}",
+                                                 **common))
         row["head_gflops"] = mean_head_gflops(segmenter, row["buckets"])
         sweep[float(theta)] = row
     report = {"config": full.to_dict(), "seeds": seeds, "rows": rows, "trained_thetas": trained_thetas,
