@@ -9,8 +9,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Optimisation level 0: tiny test programs compile ~2x faster and run fast enough.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+# XLA:CPU's cheapest compile for the many small test programs, measured on the tiny train step (2-core
+# AMD EPYC, jax 0.10.2): optimisation level 0 compiles it in 10.4 s instead of 16.2 s, and without the
+# fusion emitters (LLVM IR per fusion, on by default) in 6.2 s; its steps run 13 % slower (556 vs 492 ms),
+# a good trade for tests that mostly compile. Subprocesses that choose their own device count use xla_flags().
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test's subprocess: `devices` simulated CPU devices, compiled as cheaply as the suite."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_XLA_FLAGS}"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import xla_flags
 from dcp_jax import bench, measure
 
 
@@ -64,7 +65,7 @@ def test_accelerator_check_runs_every_case_with_the_tiny_config(tmp_path):
     from dcp_jax import accelerator
 
     tiny = os.path.join("configs", "tiny.py")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dcp_jax.bench", "--suite", "accelerator", "--config", tiny,
                            "--large-config", tiny, "--runs", "1", "--out", str(tmp_path)],
@@ -165,7 +166,7 @@ def test_launch_script_installs_carried_wheels_aside_and_runs_the_check(tmp_path
         "    except ImportError:\n        found = 'missing'\n"
         f"    open({str(probes)!r}, 'a').write(found + '\\n')\n")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(sitecustomize),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+               XLA_FLAGS=xla_flags(1))
     tiny = str(repo / "configs" / "tiny.py")
     proc = subprocess.run([str(repo / "launch" / "accelerator_check.sh"), str(wheels), str(tmp_path / "out"),
                            "--config", tiny, "--large-config", tiny, "--runs", "1", "--only", "slide"],

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPModel as HFCLIPModel
 from transformers import CLIPTokenizer
 
+from conftest import FAST_XLA_FLAGS
 from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax import export, export_format, optim, train
 from dcp_jax.configs import tiny
@@ -89,7 +90,7 @@ def workdir_model(workdir):
 def exported(workdir, tmp_path_factory):
     """The command line in a fresh single-device process: the checkpoint was written on 4 devices."""
     out = tmp_path_factory.mktemp("exports") / "dcp_export"
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=FAST_XLA_FLAGS, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "dcp_jax.export", "--workdir", str(workdir), "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

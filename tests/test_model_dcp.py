@@ -59,8 +59,8 @@ def images(b, size=64, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (b, size, size, 3)).astype(np.float32)
 
 
-# XLA's cheapest CPU backend optimisation: compiles ~2.5x faster; the tests run tiny shapes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# XLA's cheapest CPU compile (conftest.FAST_XLA_FLAGS, as compiler options): the tests run tiny shapes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def fast_jit(fn, static_argnames=()):

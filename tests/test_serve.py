@@ -33,7 +33,7 @@ def browser_missing() -> str | None:
         try:
             __import__(module)
         except ImportError:
-            return f"{package} is not installed: pip install -e \".[serve]\" selenium"
+            return f"{package} is not installed: pip install -e \".[test]\""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
         return (f"no {' or '.join(missing)}: the browser test needs Debian's chromium and chromium-driver packages "

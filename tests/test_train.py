@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax import train
 from dcp_jax.configs import demo, tiny
@@ -205,7 +206,7 @@ def test_config_typo_is_rejected(tmp_path, capsys):
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     proc = subprocess.Popen(_train_cmd(tmp_path, data_dir, "--config.total_steps=100000"),
-                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                            env=_env(XLA_FLAGS=xla_flags(4)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
@@ -246,7 +247,7 @@ def _free_port():
 
 
 def _two_process_env(port, i):
-    return _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", DCP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    return _env(XLA_FLAGS=xla_flags(2), DCP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 DCP_NUM_PROCESSES="2", DCP_PROCESS_ID=str(i))
 
 
@@ -293,7 +294,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_and_one_process_resumes(data
     assert ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [step]
 
     resumed = subprocess.run(_train_cmd(workdir, data_dir, *args), capture_output=True, text=True, timeout=400,
-                             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                             env=_env(XLA_FLAGS=xla_flags(4)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step} (data position {4 * step}, 1 process(es))" in resumed.stderr
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -374,7 +375,7 @@ def _evaluate_in_subprocess(workdir, data_dir, devices, *extra):
     proc = subprocess.run([sys.executable, "-m", "dcp_jax.evaluate", "--workdir", str(workdir),
                            f"--config.eval.datasets=folder:{data_dir}", "--config.eval.max_images=2", *extra],
                           capture_output=True, text=True, timeout=300,
-                          env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+                          env=_env(XLA_FLAGS=xla_flags(devices)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((workdir / "eval" / "toy_world.json").read_text())
 
