@@ -15,7 +15,7 @@ from flax import nnx
 from dcp_jax import loss as loss_lib
 from dcp_jax import optim
 from dcp_jax.configs import dcp_vitb16_coco_stuff, tiny
-from dcp_jax.models import build, dcp
+from dcp_jax.models import build, compute, dcp
 from dcp_jax.models.build import write_tiny_clip
 from dcp_jax.models.tiny_clip import tiny_clip_config
 from dcp_jax.rules import flat_params
@@ -531,3 +531,43 @@ def test_model_from_a_clip_checkpoint(tmp_path):
     config.clip.variant = "B/16"
     with pytest.raises(ValueError, match="ViT width 32, 2 blocks, patch 8.*clip.variant='B/16'"):
         build.model_from_clip_checkpoint(config, path)
+
+
+def test_traced_construction_skips_the_origin_walk_only_inside_and_restores_it(monkeypatch):
+    """compute.traced_construction (around build's and clip.abstract_clip's eval_shape and initialisers):
+    inside, a tracer's missing-attribute error (what flax's set_value asks for on every RNG count) does not
+    walk the trace for the value's origin; outside, and after two threads used it at once, jax walks it."""
+    import threading
+
+    from jax._src.interpreters import partial_eval as pe
+
+    original = pe.DynamicJaxprTracer._origin_msg
+    walks = []
+    find = pe.JaxprStackFrame.find_progenitors
+    monkeypatch.setattr(pe.JaxprStackFrame, "find_progenitors", lambda self, t: walks.append(1) or find(self, t))
+    counts = {}
+
+    def f(x):
+        y = jnp.sin(x) * 2
+        with compute.traced_construction():
+            assert getattr(y, "sharding", None) is None  # flax's check still gets its answer
+            with pytest.raises(AttributeError, match="sharding"):
+                y.sharding
+        counts["inside"] = len(walks)
+        with pytest.raises(AttributeError, match="sharding"):
+            y.sharding
+        counts["outside"] = len(walks) - counts["inside"]
+        return y
+
+    jax.make_jaxpr(f)(1.0)
+    assert counts == {"inside": 0, "outside": 1}
+
+    def build_abstract():
+        build.abstract_model(tiny.get_config())
+
+    threads = [threading.Thread(target=build_abstract) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pe.DynamicJaxprTracer._origin_msg is original

@@ -31,6 +31,7 @@ from dcp_jax import distributed
 from dcp_jax import rules as rules_lib
 from dcp_jax.models import clip as clip_lib
 from dcp_jax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from dcp_jax.models.compute import traced_construction
 from dcp_jax.models.dcp import DCPCLIP
 from dcp_jax.models.tiny_clip import tiny_clip_config, tiny_tokenizer_files
 
@@ -89,7 +90,8 @@ def init_module(make: Callable[[nnx.Rngs], nnx.Module], *, mesh_config, mesh=Non
     given, every other one is initialised under jit straight into its sharding."""
     mesh = default_mesh() if mesh is None else mesh
     given = dict(given or {})
-    abstract = nnx.eval_shape(lambda: make(nnx.Rngs(seed)))
+    with traced_construction():
+        abstract = nnx.eval_shape(lambda: make(nnx.Rngs(seed)))
     shapes = {path: tuple(var.get_value().shape) for path, var in rules_lib.flat_params(abstract)}
     unknown = sorted(set(given) - set(shapes))
     if unknown:
@@ -108,7 +110,8 @@ def init_module(make: Callable[[nnx.Rngs], nnx.Module], *, mesh_config, mesh=Non
         return nnx.split(make(nnx.Rngs(seed)), is_given, ...)[2]  # XLA drops the unused initialisers
 
     platform = mesh.devices.flat[0].platform
-    initialised = _initialise(init, init_shardings, platform) if jax.tree.leaves(abstract_init) else abstract_init
+    with traced_construction():
+        initialised = _initialise(init, init_shardings, platform) if jax.tree.leaves(abstract_init) else abstract_init
     given_shardings = distributed.tree_shardings(abstract_given, mesh, mesh_config)
     flat, flat_shardings = nnx.to_flat_state(abstract_given), dict(nnx.to_flat_state(given_shardings))
     for path, var in flat:
@@ -144,7 +147,8 @@ def _initialise(init, shardings, platform: str):
 def abstract_model(config, clip_config: CLIPConfig | None = None) -> DCPCLIP:
     """The model with ShapeDtypeStruct parameters (nothing allocated)."""
     clip_config = clip_config_for(config) if clip_config is None else clip_config
-    return nnx.eval_shape(lambda: DCPCLIP(config, clip_config, rngs=nnx.Rngs(config.seed)))
+    with traced_construction():
+        return nnx.eval_shape(lambda: DCPCLIP(config, clip_config, rngs=nnx.Rngs(config.seed)))
 
 
 def create_model(config, clip_config: CLIPConfig | None = None, *, mesh=None,

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax.models import clip_convert
-from dcp_jax.models.compute import LayerNorm, maybe_remat, multi_head_attention, remat_call, remat_name, unroll_scans
+from dcp_jax.models.compute import (LayerNorm, maybe_remat, multi_head_attention, remat_call, remat_name,
+                                    traced_construction, unroll_scans)
 
 # --------------------------------------------------------------------------------------------------
 # Configs (HF field names and HF 5.x defaults, so a partial config.json reads like transformers reads it)
@@ -440,7 +441,8 @@ class CLIPModel(nnx.Module):
 def abstract_clip(config: CLIPConfig, dtype=jnp.float32, **compute) -> CLIPModel:
     """A CLIPModel whose params are ShapeDtypeStructs (nothing allocated or initialised); `compute`:
     attention / remat / scan_layers (CLIPModel)."""
-    return nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype, rngs=nnx.Rngs(0), **compute))
+    with traced_construction():
+        return nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype, rngs=nnx.Rngs(0), **compute))
 
 
 def with_compute(model: CLIPModel, dtype=jnp.float32, **compute) -> CLIPModel:
