@@ -312,7 +312,8 @@ def traced_construction():
     (DynamicJaxprTracer._origin_msg walks every equation traced so far), so building a model costs time
     quadratic in its parameter count. flax catches the error and never reads the message: while the
     constructor is traced, the message is left empty (a random B/16 model on this project's 2-core CPU:
-    28 s -> 23 s to create). Where jax's internals differ, nothing is changed."""
+    28 s -> 23 s to create). The switch is process-wide while it lasts: another thread's tracer errors in
+    that window lose their origin line too, nothing else. Where jax's internals differ, nothing is changed."""
     try:
         from jax._src.interpreters.partial_eval import DynamicJaxprTracer
     except ImportError:
