@@ -110,3 +110,29 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         w.main(["--help"])
     assert e.value.code == 0 and "unseen" in capsys.readouterr().out
+
+
+def test_ignore_ring_dilation_matches_scipy():
+    """The object's ignore ring comes from a 3x3 binary dilation (scipy's is the reference), also at the
+    border of the array: render_scene dilates the object's box plus one pixel, cut by the canvas."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 6), (6, 1), (7, 9), (64, 64)]:
+        for density in (0.03, 0.3):
+            mask = rng.random(shape) < density
+            want = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool))
+            np.testing.assert_array_equal(w._dilate(mask), want)
+
+
+def test_objects_keep_their_ignore_ring_where_they_are_cut():
+    """A wide triangle reaches past the box it is drawn in, and a close-up past the canvas: where they are cut, the
+    ignore ring still separates them from the rest (no object pixel touches a stuff pixel)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    for radius in [(0.25, 0.35)] * 30 + [(0.5, 0.8)] * 10:
+        _, label, _ = w.render_scene(rng, 96, stuff=["sand"], objects=["red triangle", "cyan ball"], radius=radius)
+        objects = (label != w.CLASS_NAMES.index("sand")) & (label != w.IGNORE_LABEL)
+        stuff = label == w.CLASS_NAMES.index("sand")
+        assert not (ndimage.binary_dilation(objects, structure=np.ones((3, 3), bool)) & stuff).any()
