@@ -128,6 +128,7 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
              "label": jax.device_put(rng.integers(0, TRAIN_CLASSES, (batch_size, crop, crop), dtype=np.int32), data)}
     text = jnp.asarray(measure.random_text(TRAIN_CLASSES, dcp.num_templates(config), model.clip_dim))
     tokens = measure.random_text_tokens(config, model.clip.config.text.vocab_size, TRAIN_CLASSES)
+    state = jax.tree.leaves(state)  # the train step's flat state
     start = time.perf_counter()
     compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text,
                                                                                       *tokens).compile()
@@ -135,14 +136,16 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
     with compute.for_cost_analysis():
         gflops, gbytes = _cost(train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES)
                                .lower(state, batch, text, *tokens))
-    holder = {"state": jax.device_put(jax.tree.map(jnp.copy, state), shardings)}  # donated: the shared model stays
+    # the step donates its state: a copy, so that the shared model stays
+    holder = {"state": jax.device_put(jax.tree.map(jnp.copy, state), jax.tree.leaves(shardings))}
 
     def step():
         holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)
         return metrics["loss"]
 
-    step_ms = 1e3 * measure.median_seconds(step, runs)
-    return {"images": batch_size, "compile_s": compile_s, "step_ms": step_ms, "gflops": gflops, "gbytes": gbytes,
+    step_s, host_s = measure.median_step_and_host_seconds(step, runs)
+    return {"images": batch_size, "compile_s": compile_s, "step_ms": 1e3 * step_s, "host_ms": 1e3 * host_s,
+            "gflops": gflops, "gbytes": gbytes,
             "plan_gib": measure.compiled_stats(compiled)[1], "device_peak_gib": measure.device_peak_gib()}
 
 
@@ -159,8 +162,9 @@ def run_slide(config, case: Case, runs: int, models: dict) -> dict:
                                                      max_slots=classes))
         cost_two = _cost(forward.decode.lower(runner.graphdef, *args_two, views_per_image=runner.views_per_image,
                                               num_slots=case.selected))
-    step_ms = 1e3 * measure.median_seconds(lambda: (one(*args_one), two(*args_two)), runs)
-    return {"images": 1, "compile_s": compile_s, "step_ms": step_ms, "gflops": cost_one[0] + cost_two[0],
+    step_s, host_s = measure.median_step_and_host_seconds(lambda: (one(*args_one), two(*args_two)), runs)
+    return {"images": 1, "compile_s": compile_s, "step_ms": 1e3 * step_s, "host_ms": 1e3 * host_s,
+            "gflops": cost_one[0] + cost_two[0],
             "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(measure.compiled_stats(c)[1] for c in (one, two)),
             "device_peak_gib": measure.device_peak_gib()}
 
@@ -258,6 +262,7 @@ def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
         graphdef, state = nnx.split(nnx.eval_shape(model_and_optimizer))
         shardings = distributed.tree_shardings(state, mesh, config.mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+        state = jax.tree.leaves(state)  # the train step's flat state
         crop, data = int(config.train.crop_size), distributed.batch_sharding(mesh)
         batch = {"image": jax.ShapeDtypeStruct((batch_size, crop, crop, 3), jnp.uint8, sharding=data),
                  "label": jax.ShapeDtypeStruct((batch_size, crop, crop), jnp.int32, sharding=data)}
@@ -298,17 +303,20 @@ def format_markdown(rows: list[dict], header: dict) -> str:
     peak_text = f"bf16 peak {peak:g} TFLOP/s per device" if peak else "no bf16 peak known for this device: no MFU"
     lines = [f"# dcp_jax accelerator check: {header['device']}", "",
              f"jax {header['jax']}, {header['date']}; {peak_text}. Random weights; step = median of "
-             f"{header['runs']} runs after a warm-up. GFLOPs and GB: XLA's cost analysis per step (GB before "
-             "fusion: an upper bound).", "",
-             "| case | compile s | step ms | images/s | GFLOPs | GB accessed | TFLOP/s | MFU | plan GiB | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{header['runs']} runs after a warm-up; host ms: until the step call returned (when it nears the "
+             "step, the host sets the pace). GFLOPs and GB: XLA's cost analysis per step (GB before fusion: an upper "
+             "bound).", "",
+             "| case | compile s | step ms | host ms | images/s | GFLOPs | GB accessed | TFLOP/s | MFU | plan GiB | "
+             "peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['case']} | skipped: {r['skipped']} |" + " |" * 8)
+            lines.append(f"| {r['case']} | skipped: {r['skipped']} |" + " |" * 9)
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
         device_peak = "-" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f}"
-        lines.append(f"| {r['case']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+        lines.append(f"| {r['case']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | {r['host_ms']:.2f} | "
+                     f"{r['images_per_s']:.1f} | "
                      f"{r['gflops']:.0f} | {r['gbytes']:.1f} | {r['tflops_per_s']:.2f} | {mfu} | "
                      f"{r['plan_gib']:.2f} | {device_peak} |")
     return "\n".join(lines) + "\n"

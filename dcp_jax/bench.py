@@ -89,6 +89,7 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
              "label": jnp.asarray(rng.integers(0, num_classes, (1, crop, crop)), jnp.int32)}
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     tokens = random_text_tokens(config, model.clip.config.text.vocab_size, num_classes)
+    state = jax.tree.leaves(state)  # the train step's flat state
     compiled = step.lower(state, batch, text, *tokens).compile()
     gflops, memory = compiled_stats(compiled)
     if has_loops(model):

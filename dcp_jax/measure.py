@@ -42,6 +42,21 @@ def median_seconds(fn, runs: int, other=None) -> float | tuple[float, float]:
     return medians[0] if other is None else tuple(medians)
 
 
+def median_step_and_host_seconds(fn, runs: int) -> tuple[float, float]:
+    """(median seconds of `fn()` until its results are ready, median seconds until `fn()` returned) over `runs`
+    runs after a warm-up. jax runs programs asynchronously, so the second is the host's part of a step
+    (flattening the arguments, dispatch); where it nears the first, the host and not the device sets the pace."""
+    jax.block_until_ready(fn())  # warm-up (and compile)
+    steps, host = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = fn()
+        host.append(time.perf_counter() - start)
+        jax.block_until_ready(out)
+        steps.append(time.perf_counter() - start)
+    return statistics.median(steps), statistics.median(host)
+
+
 def compiled_stats(compiled) -> tuple[float, float]:
     """(GFLOPs, XLA memory in GiB: arguments + outputs + temporaries) of a compiled program."""
     cost = compiled.cost_analysis()

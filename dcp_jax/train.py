@@ -178,15 +178,21 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------------
 
 def make_train_step(config, graphdef, state_shardings, num_classes: int):
-    """jit(state, batch, text_embeds, guidance_tokens[, cost_tokens]) -> (state, metrics), the state kept in its
-    shardings. cost_tokens: the vocabulary's template prompts (clip.text_finetune = "cost")."""
+    """jit(state_leaves, batch, text_embeds, guidance_tokens[, cost_tokens]) -> (state_leaves, metrics).
+
+    The state (model and optimizer, `nnx.split`) travels as the flat list of its arrays, `jax.tree.leaves(state)`,
+    each kept in its sharding; `jax.tree.unflatten(jax.tree.structure(state), leaves)` gives the state back. jit
+    flattens a state of nnx Variables in Python at every call (12-14 ms for the CPU demo's, longer than a whole
+    B/16 step at the accelerator target), a list of arrays in C++. cost_tokens: the vocabulary's template prompts
+    (clip.text_finetune = "cost")."""
     num_slots = int(config.model.dcs.num_slots)
     trainable = optim.trainable(config)
     rows = int(config.text.finetune_rows)
+    state_def = jax.tree.structure(state_shardings)
 
-    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(state_shardings, None))
-    def train_step(state, batch, text_embeds, guidance_tokens, cost_tokens=None):
-        model, optimizer = nnx.merge(graphdef, state)
+    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(jax.tree.leaves(state_shardings), None))
+    def train_step(state_leaves, batch, text_embeds, guidance_tokens, cost_tokens=None):
+        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
 
         def loss_fn(model):
             gt = loss_lib.gt_presence(batch["label"], num_classes) if config.model.dcs.include_gt else None
@@ -203,7 +209,7 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int):
         optimizer.update(model, grads)
         metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                        bad_samples=jnp.sum(batch["bad"]) if "bad" in batch else jnp.zeros((), jnp.int32))
-        return nnx.state((model, optimizer)), metrics
+        return jax.tree.leaves(nnx.state((model, optimizer))), metrics
 
     return train_step
 
@@ -282,6 +288,7 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
     graphdef, state = nnx.split((model, optimizer))
     state_shardings = distributed.tree_shardings(state, mesh, config.mesh)
     state = jax.device_put(state, state_shardings)
+    state_def, state = jax.tree.structure(state), jax.tree.leaves(state)  # the train step's flat state
     replicated = distributed.replicated(mesh)
     text_embeds = distributed.put(text_embeds, replicated)
     guidance_tokens = None
@@ -300,14 +307,14 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
     data_sharding = distributed.batch_sharding(mesh)
 
     def save(step: int) -> None:
-        nnx.update((model, optimizer), state)
+        nnx.update((model, optimizer), jax.tree.unflatten(state_def, state))
         position = data_position + (step - start_step) * config.train.batch_size
         checkpointer.save(step, model=model, optimizer=optimizer,
                           meta={"step": step, "data_position": position, "time": time.time(),
                                 "processes": jax.process_count()})
 
     def evaluate(step: int, *, final: bool) -> dict:
-        nnx.update((model, optimizer), state)
+        nnx.update((model, optimizer), jax.tree.unflatten(state_def, state))
         return _evaluate(config, workdir, model, step, tokenizer, writer, final=final, clip_path=clip_path)
 
     stop_signal = StopSignal()  # SIGTERM: every process saves after the same step and exits

@@ -180,10 +180,11 @@ def _train(dtype: str):
     text = jnp.asarray(unit_text(NUM_CLASSES, dcp.num_templates(config), 16, seed=3))
     losses = []
     state = jax.device_put(state, shardings)
+    state_def, leaves = jax.tree.structure(state), jax.tree.leaves(state)
     for _ in range(BF16_STEPS):
-        state, metrics = step(state, batch, text, None)
+        leaves, metrics = step(leaves, batch, text, None)
         losses.append(float(metrics["loss"]))
-    model, _ = nnx.merge(graphdef, state)
+    model, _ = nnx.merge(graphdef, jax.tree.unflatten(state_def, leaves))
     return np.array(losses), model, (batch["image"], text)
 
 
