@@ -60,8 +60,10 @@ def get_config(arg=None):
     # Compute dtype: "auto" = bfloat16 on GPU/TPU, float32 on CPU | "float32" | "bfloat16". Parameters,
     # optimizer state, softmax/norm statistics, logits and the loss stay float32 (models/compute.py).
     c.clip.dtype = "auto"
-    # CLIP blocks as one scanned block: compiles one block, not one per layer (a loop under FSDP: dcp.compute_options)
-    c.clip.scan_layers = True
+    # CLIP blocks as one scanned block ("true": XLA compiles one block, not one per layer) or a loop ("false");
+    # "auto": the scan on CPUs and TPUs, the loop on GPUs, where it launches fewer kernels, plans less memory and
+    # compiles faster (docs/performance.md, "The GPU plan"); a loop under FSDP whatever it says (dcp.compute_options)
+    c.clip.scan_layers = "auto"
     c.clip.tiny = ml_collections.ConfigDict()  # architecture of a random CLIP when checkpoint == "" (tiny.py)
 
     # --- text side (MODEL.md section 1) ---

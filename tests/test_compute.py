@@ -24,12 +24,12 @@ from test_model_dcp import images, make_model, small_config, unit_text
 
 NUM_CLASSES = 6
 # The reference way of computing: the einsum attention, the CLIP blocks scanned, no remat, float32.
-REFERENCE = {"model.attention": "reference", "clip.scan_layers": True, "model.remat": "none"}
+REFERENCE = {"model.attention": "reference", "clip.scan_layers": "true", "model.remat": "none"}
 VARIANTS = {
     "attention_xla": {"model.attention": "xla"},
     "remat_full": {"model.remat": "full"},
     "remat_dots": {"model.remat": "dots"},
-    "layer_loop": {"clip.scan_layers": False},
+    "layer_loop": {"clip.scan_layers": "false"},
 }
 
 
@@ -132,7 +132,7 @@ def test_scanned_blocks_compile_one_block():
     """With clip.scan_layers the CLIP towers are scans (one block each in the program), not a block per layer."""
     def scans_and_dots(scan_layers):
         config = tiny.get_config()  # TINY_CLIP: 4 image blocks, 2 text blocks
-        config.clip.scan_layers = scan_layers
+        config.clip.scan_layers = "true" if scan_layers else "false"
         model = make_model(config)
         ids = jnp.ones((2, 5), jnp.int32)
         jaxpr = str(jax.make_jaxpr(lambda x: (model.clip.encode_image(model.preprocess(x), layers=(0,)),

@@ -35,7 +35,7 @@ def _scan_count(fn, *args):
 
 
 def test_chunked_attention_matches_one_batched_op(monkeypatch):
-    config = small_config(**{"clip.scan_layers": False})  # no scan but the chunks' (counted below)
+    config = small_config(**{"clip.scan_layers": "false"})  # no scan but the chunks' (counted below)
     model = make_model(config)
     num_classes = 6
     text = jnp.asarray(unit_text(num_classes, 1, 16, seed=3))

@@ -28,18 +28,18 @@ PROMPTS = ("tokens", "context", "none")  # config.model.guidance.prompt (Table V
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, bias: jax.Array | None = None,
-              impl: str = "auto") -> jax.Array:
+              impl: str = "auto", site: str = "attention") -> jax.Array:
     """Multi-head scaled dot-product attention on projected inputs.
 
     q [..., Lq, d], k [..., Lk, d], v [..., Lk, dv]; `bias` broadcasts to [..., heads, Lq, Lk] and is
-    added to the float32 scores (use a large negative value to mask); `impl`: compute.ATTENTION_IMPLS.
-    Returns [..., Lq, dv].
+    added to the float32 scores (use a large negative value to mask); `impl`: compute.ATTENTION_IMPLS;
+    `site`: the name compute.attention_path records. Returns [..., Lq, dv].
     """
     d, dv = q.shape[-1], v.shape[-1]
     if d % num_heads or dv % num_heads:
         raise ValueError(f"attention width {d}/{dv} is not divisible by num_heads={num_heads}")
     split = lambda x: x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)  # noqa: E731
-    out, _ = multi_head_attention(split(q), split(k), split(v), bias=bias, impl=impl)
+    out, _ = multi_head_attention(split(q), split(k), split(v), bias=bias, impl=impl, site=site)
     return out.reshape(*out.shape[:-2], dv)
 
 
@@ -80,7 +80,7 @@ class CrossAttentionBlock(nnx.Module):
             slot_valid = jnp.concatenate([slot_valid, jnp.ones((b, m), bool)], axis=1)
         bias = jnp.where(slot_valid, 0.0, -1e9).astype(jnp.float32)[:, None, None, :]  # [B,1,1,K(+M)]
         attended = attention(self.q_proj(tokens), self.k_proj(guidance), self.v_proj(guidance), self.num_heads, bias,
-                             self.attention)
+                             self.attention, site="tga.cross")
         x = self.norm1(tokens + self.out_proj(attended))
         return self.norm2(x + self.mlp(x))
 
@@ -112,7 +112,8 @@ class SpatialSelfAttentionBlock(nnx.Module):
         """cost [B,K,N,d], visual [B,N,d] -> refined cost [B,K,N,d]."""
         x = jnp.concatenate([cost, jnp.broadcast_to(visual[:, None], cost.shape)], axis=-1)
         v = self.v_proj(x)
-        attended = attention(self.q_proj(x), self.k_proj(x), v, self.num_heads, impl=self.attention) if self.attend else v
+        attended = (attention(self.q_proj(x), self.k_proj(x), v, self.num_heads, impl=self.attention, site="tga.self")
+                    if self.attend else v)
         y = self.norm1(cost + self.out_proj(attended))
         return self.norm2(y + self.mlp(y))
 

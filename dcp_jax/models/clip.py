@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from dcp_jax.models import clip_convert
-from dcp_jax.models.compute import (LayerNorm, maybe_remat, multi_head_attention, remat_call, remat_name,
-                                    traced_construction, unroll_scans)
+from dcp_jax.models.compute import (LayerNorm, attention_path, maybe_remat, multi_head_attention, remat_call,
+                                    remat_name, traced_construction, unroll_scans)
 
 # --------------------------------------------------------------------------------------------------
 # Configs (HF field names and HF 5.x defaults, so a partial config.json reads like transformers reads it)
@@ -180,10 +180,12 @@ class CLIPAttention(nnx.Module):
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)  # [B, T, heads, head_dim]
 
-    def __call__(self, x, mask=None, *, return_probs: bool = False):
-        """x [B,T,W]; mask bool broadcastable to [B,heads,T,T] (True = attend). Returns (y, probs or None)."""
+    def __call__(self, x, mask=None, *, return_probs: bool = False, site: str = "clip", kv_length=None):
+        """x [B,T,W]; mask bool broadcastable to [B,heads,T,T] (True = attend); kv_length: only the first
+        kv_length tokens are attended (CLIPEncoder's padding). Returns (y, probs or None)."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        y, probs = multi_head_attention(q, k, v, mask=mask, impl=self.attention, return_probs=return_probs)
+        y, probs = multi_head_attention(q, k, v, mask=mask, impl=self.attention, return_probs=return_probs,
+                                        site=site, kv_length=kv_length)
         return self.out_proj(y.reshape(*x.shape[:-1], -1)), probs
 
 
@@ -207,8 +209,9 @@ class CLIPEncoderLayer(nnx.Module):
         self.mlp = CLIPMLP(w, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs)
         self.layer_norm2 = _layer_norm(w, cfg.layer_norm_eps, dtype, rngs)
 
-    def __call__(self, x, mask=None, *, return_probs: bool = False):
-        y, probs = self.self_attn(self.layer_norm1(x), mask, return_probs=return_probs)
+    def __call__(self, x, mask=None, *, return_probs: bool = False, site: str = "clip", kv_length=None):
+        y, probs = self.self_attn(self.layer_norm1(x), mask, return_probs=return_probs, site=site,
+                                  kv_length=kv_length)
         x = x + y
         x = x + self.mlp(self.layer_norm2(x))
         return x, probs
@@ -233,16 +236,28 @@ class CLIPEncoder(nnx.Module):
         self.remat = remat_name(remat)
         self.scan_layers = bool(scan_layers)
 
-    def __call__(self, x, mask=None, *, stop: int | None = None, collect: bool = False):
+    def __call__(self, x, mask=None, *, stop: int | None = None, collect: bool = False, site: str = "clip"):
         """Blocks 0..stop-1 (default: all) on x [B,T,W] -> (x, the residual stream after each of them
-        [n,B,T,W] if `collect` else None)."""
+        [n,B,T,W] if `collect` else None). `site` names the blocks' attention (compute.attention_path).
+
+        Where the blocks' attention runs on cuDNN, which refuses an odd token count in training (B/16 @384
+        and L/14 @336: 577), the stream is padded once to an even length and every block attends to the
+        real tokens only (kv_length); the padded rows stay finite (LayerNorm of zeros) and are cut off at
+        the end, so nothing of them reaches a real token or a gradient."""
         blocks = list(self.layers)[:stop]
         if not blocks:
             return x, (x[None][:0] if collect else None)
         graphdef = nnx.split(blocks[0])[0]  # every block has the same structure
+        t, kv_length = x.shape[1], None
+        attn = blocks[0].self_attn
+        if mask is None:
+            heads = (*x.shape[:2], attn.num_heads, attn.head_dim)
+            padded = attention_path(heads, heads, x.dtype, impl=attn.attention, site=site).padded
+            if padded:
+                x, kv_length = jnp.pad(x, [(0, 0), (0, padded[0] - t), (0, 0)]), t
 
         def block(x, params):
-            return nnx.merge(graphdef, params)(x, mask)[0]
+            return nnx.merge(graphdef, params)(x, mask, site=site, kv_length=kv_length)[0]
 
         params = [nnx.state(b) for b in blocks]
         if self.scan_layers and len(blocks) > 1:
@@ -252,13 +267,16 @@ class CLIPEncoder(nnx.Module):
                 x = body(x, p)
                 return x, x if collect else None
 
-            return jax.lax.scan(step, x, jax.tree.map(lambda *ps: jnp.stack(ps), *params), unroll=unroll_scans())
-        body = maybe_remat(block, self.remat)
-        hidden = []
-        for p in params:
-            x = body(x, p)
-            hidden.append(x)
-        return x, jnp.stack(hidden) if collect else None
+            x, hidden = jax.lax.scan(step, x, jax.tree.map(lambda *ps: jnp.stack(ps), *params),
+                                     unroll=unroll_scans())
+        else:
+            body = maybe_remat(block, self.remat)
+            hidden = []
+            for p in params:
+                x = body(x, p)
+                hidden.append(x)
+            hidden = jnp.stack(hidden) if collect else None
+        return x[:, :t], (hidden[:, :, :t] if collect else None)
 
 
 class CLIPVisionEmbeddings(nnx.Module):
@@ -359,7 +377,7 @@ class CLIPModel(nnx.Module):
         b = x.shape[0]
         aux: dict[str, jax.Array] = {}
         early = [i for i in layers if i < num_layers - 1]
-        x, hidden = vm.encoder(x, stop=num_layers - 1, collect=bool(early))
+        x, hidden = vm.encoder(x, stop=num_layers - 1, collect=bool(early), site="clip.vision")
         for i in early:
             aux[f"layer_{i}"] = hidden[i][:, 1:].reshape(b, h, w, -1).astype(jnp.float32)
         out, attn_last, dense_tokens = self._last_block(x, dense_mode)
@@ -376,7 +394,7 @@ class CLIPModel(nnx.Module):
         reference attention, the one path that keeps the probabilities) and the dense tokens:
         (out, attn, dense tokens). Rematerialised like the other blocks."""
         def run(last, x):
-            out, probs = last(x, return_probs=True)
+            out, probs = last(x, return_probs=True, site="clip.vision.last")
             # The head mean as adds of head slices: XLA:CPU's YNNPACK reduce over the middle head axis
             # took 24 ms here (B/16 @384), the adds under 1 ms.
             heads = probs.shape[1]
@@ -393,7 +411,7 @@ class CLIPModel(nnx.Module):
             return self.encode_image(pixel_values)[0]  # raises the explanatory error
         vm = self.vision_model
         x, _ = vm.embeddings(pixel_values.astype(self.dtype))
-        x, _ = vm.encoder(vm.pre_layrnorm(x))
+        x, _ = vm.encoder(vm.pre_layrnorm(x), site="clip.vision")
         return self.visual_projection(vm.post_layernorm(x[:, 0])).astype(jnp.float32)
 
     # ---------------------------------------------------------------- text tower
@@ -416,7 +434,7 @@ class CLIPModel(nnx.Module):
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] > 0)
-        x, _ = tm.encoder(x, mask)
+        x, _ = tm.encoder(x, mask, site="clip.text")
         return tm.final_layer_norm(x)
 
     def get_text_features(self, input_ids, attention_mask=None, context=None):

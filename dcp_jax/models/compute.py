@@ -17,6 +17,7 @@ rematerialisation. Every module of the model (CLIP, TGA, the decoder) takes thes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -37,18 +38,49 @@ def platform() -> str:
 
 
 @contextlib.contextmanager
-def compiling_for(target: str):
+def compiling_for(target: str, device=None):
     """Inside, every backend-dependent choice (dtype "auto", attention "auto", CPU chunks) is made for
     `target` ("tpu", "gpu", "cpu") instead of this machine's backend: ahead-of-time compiles for
-    devices this machine does not have (accelerator.memory_plan)."""
+    devices this machine does not have (accelerator.memory_plan, gpu_plan). `device`: one of a GPU
+    target's devices; jax's cuDNN attention rules then see its compute capability (see
+    _target_compute_capability)."""
     global _TARGET_PLATFORM
     saved, _TARGET_PLATFORM = _TARGET_PLATFORM, target
     jax.clear_caches()
     try:
-        yield
+        with _target_compute_capability(device if target == "gpu" else None):
+            yield
     finally:
         _TARGET_PLATFORM = saved
         jax.clear_caches()
+
+
+@contextlib.contextmanager
+def _target_compute_capability(device):
+    """jax's cuDNN attention rules ask the default backend's first GPU for its compute capability (head dims
+    up to 256 from Hopper on, else 128). A process compiling for a GPU it does not have has a CPU backend,
+    so jax would answer as for a pre-Hopper GPU and refuse shapes the target takes; inside, the two
+    questions are answered from `device` (a compile-only device of the target), so the program compiled
+    here is the one the GPU would build. Nothing changes where jax lacks these functions."""
+    capability = getattr(device, "compute_capability", None)
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except ImportError:
+        fa = None
+    names = ("check_compute_capability", "is_cuda_compute_capability_equal")
+    if capability is None or fa is None or not all(hasattr(fa, n) for n in names):
+        yield
+        return
+    have = tuple(int(x) for x in str(capability).split("."))
+    as_tuple = lambda text: tuple(int(x) for x in text.split("."))  # noqa: E731
+    saved = [getattr(fa, n) for n in names]
+    fa.check_compute_capability = lambda wanted: have >= as_tuple(wanted)
+    fa.is_cuda_compute_capability_equal = lambda wanted: have == as_tuple(wanted)
+    try:
+        yield
+    finally:
+        for name, original in zip(names, saved):
+            setattr(fa, name, original)
 
 
 def resolve_dtype(name: str, backend: str | None = None):
@@ -100,51 +132,175 @@ def for_cost_analysis():
         jax.clear_caches()
 
 
-# How attention is computed (config.model.attention): "auto" picks per backend (see multi_head_attention);
+# How attention is computed (config.model.attention): "auto" picks per backend and per site (attention_path);
 # "xla" / "cudnn" force jax.nn.dot_product_attention's implementation; "reference" is the einsum + softmax
 # path below, the only one that returns the probabilities.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "reference")
 
+# cuDNN's flash attention takes bfloat16/float16 only; a sequence that jax's training check refuses (odd
+# lengths: jax passes cuDNN a placeholder bias, and biased training needs even lengths) is padded up to a
+# multiple of this many tokens, the padded keys masked through cuDNN's sequence lengths.
+CUDNN_PAD_MULTIPLE = 8
 
-def multi_head_attention(q, k, v, *, bias=None, mask=None, impl: str = "auto", return_probs: bool = False):
-    """Scaled dot-product attention over split heads: q [..., Lq, h, d], k [..., Lk, h, d], v [..., Lk, h, dv]
-    -> (out [..., Lq, h, dv], float32 probabilities [..., h, Lq, Lk] if `return_probs` else None). `bias`
-    (added to the float32 scores) and `mask` (bool, True = attend) broadcast to [..., h, Lq, Lk].
 
-    `impl` "auto": on GPUs and TPUs `jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU
-    for bfloat16/float16 inputs whose shapes cuDNN takes (it raises at trace time otherwise, and XLA's
-    implementation runs instead), XLA's elsewhere; neither keeps the [..., h, Lq, Lk] probabilities for
-    the backward pass when cuDNN runs. On CPU the reference path: XLA's implementation of
-    jax.nn.dot_product_attention measured 1.6-3x slower there (its heads sit between the token and
-    feature axes; B/16 @384 forward 40 vs 19-22 ms per layer). `return_probs` always takes the reference
-    path (the last CLIP block's attention map feeds the decoder).
-    """
+@dataclasses.dataclass(frozen=True)
+class AttentionPath:
+    """Which kernel computes one attention site, decided before it is traced (attention_path)."""
+    site: str  # where in the model: "clip.vision", "tga.cross", ...
+    path: str  # "cudnn" | "xla" | "reference"
+    q: tuple  # q's shape [..., Lq, h, d] as the site calls it, and k's
+    k: tuple
+    reason: str  # why this path (and why not cuDNN, where it is not)
+    padded: tuple | None = None  # cuDNN: (Lq, Lk) the sequences are padded to, where they are
+    valid_keys: int | None = None  # a sequence padded before the call: only the first valid_keys keys attended
+
+
+_SITES: list | None = None  # collecting inside recording_attention_paths()
+
+
+@contextlib.contextmanager
+def recording_attention_paths():
+    """Inside, every attention traced appends its AttentionPath to the yielded list (the plan's table)."""
+    global _SITES
+    saved, _SITES = _SITES, []
+    try:
+        yield _SITES
+    finally:
+        _SITES = saved
+
+
+def attention_path(q_shape, k_shape, dtype, *, impl: str = "auto", site: str = "attention",
+                   return_probs: bool = False) -> AttentionPath:
+    """The kernel for an attention of these shapes ([..., L, h, d]), decided up front for both the forward
+    and the backward pass: a train step differentiates what the forward traced, so a kernel that jax would
+    accept forward and refuse backward (cuDNN with odd sequence lengths) must never be chosen.
+
+    "auto": the reference path on CPU and wherever the probabilities are needed; on a GPU cuDNN's flash
+    attention where jax's own training check accepts the shapes (after padding odd lengths), XLA's
+    implementation elsewhere, with the reason; on a TPU XLA's. "cudnn" raises where cuDNN cannot run."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"config.model.attention={impl!r}: expected one of {ATTENTION_IMPLS}")
-    if return_probs or impl == "reference" or (impl == "auto" and platform() == "cpu"):
+    q_shape, k_shape = tuple(q_shape), tuple(k_shape)
+
+    def chosen(path, reason, padded=None):
+        return AttentionPath(site, path, q_shape, k_shape, reason, padded)
+
+    if return_probs:
+        return chosen("reference", "its probabilities are used")
+    if impl == "reference":
+        return chosen("reference", "model.attention=reference")
+    if impl == "auto" and platform() == "cpu":
+        return chosen("reference", "CPU: the einsum path is faster there")
+    if impl == "xla":
+        return chosen("xla", "model.attention=xla")
+    if impl == "auto" and platform() != "gpu":
+        return chosen("xla", f"{platform()}: XLA's implementation")
+    padded = tuple(_round_up(n, CUDNN_PAD_MULTIPLE) if n % 2 else n for n in (q_shape[-3], k_shape[-3]))
+    refusal = cudnn_refusal(q_shape[:-3] + (padded[0],) + q_shape[-2:], k_shape[:-3] + (padded[1],) + k_shape[-2:],
+                            dtype)
+    if refusal:
+        if impl == "cudnn":
+            raise ValueError(f"config.model.attention=cudnn: cuDNN cannot compute {site} (q {q_shape}, k "
+                             f"{k_shape}, {jnp.dtype(dtype).name}): {refusal}; use auto or xla")
+        return chosen("xla", f"cuDNN refuses it: {refusal}")
+    was_padded = padded != (q_shape[-3], k_shape[-3])
+    reason = "model.attention=cudnn" if impl == "cudnn" else "cuDNN flash attention, forward and backward"
+    if was_padded:
+        reason += f" (odd length: tokens padded to {padded[1]}, the padding masked)"
+    return chosen("cudnn", reason, padded if was_padded else None)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def cudnn_refusal(q_shape, k_shape, dtype) -> str:
+    """Why jax's cuDNN attention would refuse a training step's attention of these shapes ([..., L, h, d]),
+    or "" where it takes them. Asks jax's own checks (the forward rule's, run with is_training and a bias,
+    as jax's backward pass runs them) where this jax has them, else applies jax 0.10's rules."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"{jnp.dtype(dtype).name} inputs (cuDNN takes bfloat16 and float16)"
+    if q_shape[-1] != k_shape[-1]:
+        return f"q and k head dims differ ({q_shape[-1]}, {k_shape[-1]})"
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except ImportError:
+        fa = None
+    if fa is None or not hasattr(fa, "check_is_flash_attention"):
+        d, lq, lk = q_shape[-1], q_shape[-3], k_shape[-3]
+        if d > 128 or d % 8:
+            return f"head dim {d} (cuDNN: at most 128, a multiple of 8)"
+        return f"odd sequence length ({lq}, {lk})" if lq % 2 or lk % 2 else ""
+    try:
+        version = fa.check_cudnn_version()
+    except RuntimeError as e:
+        return f"{str(e).rstrip('.')} (pip install -e \".[cuda12]\" on a GPU machine, \".[gpu-plan]\" to plan for one)"
+    b = math.prod(q_shape[:-3])
+    q = jax.ShapeDtypeStruct((b, *q_shape[-3:]), dtype)
+    kv = jax.ShapeDtypeStruct((b, *k_shape[-3:]), dtype)
+    try:
+        fa.check_is_flash_attention(q, kv, kv, fa.AttentionLayout.BTNH.value, version, True, True)
+    except (NotImplementedError, ValueError) as e:
+        return str(e).rstrip(".")
+    return ""
+
+
+def multi_head_attention(q, k, v, *, bias=None, mask=None, impl: str = "auto", return_probs: bool = False,
+                         site: str = "attention", kv_length: int | None = None):
+    """Scaled dot-product attention over split heads: q [..., Lq, h, d], k [..., Lk, h, d], v [..., Lk, h, dv]
+    -> (out [..., Lq, h, dv], float32 probabilities [..., h, Lq, Lk] if `return_probs` else None). `bias`
+    (added to the float32 scores) and `mask` (bool, True = attend) broadcast to [..., h, Lq, Lk];
+    `kv_length`: only the first kv_length keys are attended (a sequence padded for cuDNN).
+
+    The kernel is attention_path's choice for this `site` (recorded inside recording_attention_paths): on
+    CPU the reference path (XLA's implementation of jax.nn.dot_product_attention measured 1.6-3x slower
+    there: its heads sit between the token and feature axes; B/16 @384 forward 40 vs 19-22 ms per layer);
+    on a GPU cuDNN's flash attention, which keeps no [..., h, Lq, Lk] probabilities for the backward pass,
+    where it takes the shapes, else XLA's. `return_probs` always takes the reference path (the last CLIP
+    block's attention map feeds the decoder).
+    """
+    choice = attention_path(q.shape, k.shape, q.dtype, impl=impl, site=site, return_probs=return_probs)
+    if _SITES is not None:
+        _SITES.append(dataclasses.replace(choice, valid_keys=kv_length))
+    if kv_length is not None and kv_length < k.shape[-3]:
+        keys = jnp.arange(k.shape[-3]) < kv_length
+        if choice.path == "reference":
+            mask = keys if mask is None else jnp.logical_and(mask, keys)
+    else:
+        kv_length = None
+    if choice.path == "reference":
         out, probs = reference_attention(q, k, v, bias=bias, mask=mask)
         return out, probs if return_probs else None
-    return _fused_attention(q, k, v, bias, mask, impl), None
+    return _fused_attention(q, k, v, bias, mask, choice, kv_length), None
 
 
-def _fused_attention(q, k, v, bias, mask, impl):
-    """jax.nn.dot_product_attention over the leading axes flattened into one batch axis."""
-    lead = q.shape[:-3]
+def _fused_attention(q, k, v, bias, mask, choice: AttentionPath, kv_length):
+    """jax.nn.dot_product_attention over the leading axes flattened into one batch axis; for cuDNN, odd
+    sequences padded to choice.padded with the padded keys masked by their length (never by a bias: cuDNN
+    would materialise it), and bias / mask broadcast to full [B, h, Lq, Lk] where cuDNN needs it."""
+    lead, lq, lk = q.shape[:-3], q.shape[-3], k.shape[-3]
     n = math.prod(lead)
     q4, k4, v4 = (t.reshape(n, *t.shape[-3:]) for t in (q, k, v))
+    v4 = v4.astype(q4.dtype)
     bias4, mask4 = (_as_bnts(a, lead) for a in (bias, mask))
-    out = None
-    if impl == "cudnn" or (impl == "auto" and platform() == "gpu"
-                           and q.dtype in (jnp.bfloat16, jnp.float16)):
-        try:
-            out = jax.nn.dot_product_attention(q4, k4, v4.astype(q4.dtype), bias=bias4, mask=mask4,
-                                               implementation="cudnn")
-        except (NotImplementedError, ValueError, RuntimeError):
-            if impl == "cudnn":
-                raise
-    if out is None:
-        out = jax.nn.dot_product_attention(q4, k4, v4.astype(q4.dtype), bias=bias4, mask=mask4,
+    if choice.path == "xla":
+        lengths = None if kv_length is None else jnp.full((n,), kv_length, jnp.int32)
+        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=mask4, key_value_seq_lengths=lengths,
                                            implementation="xla")
+        return out.reshape(*lead, *out.shape[1:])
+    pq, pk = choice.padded or (lq, lk)
+    pad = lambda t, length: jnp.pad(t, [(0, 0), (0, length - t.shape[1]), (0, 0), (0, 0)])  # noqa: E731
+    q4, k4, v4 = pad(q4, pq), pad(k4, pk), pad(v4, pk)
+    if bias4 is not None:  # cuDNN takes a bias of full [B or 1, h or 1, Lq, Lk] only
+        bias4 = jnp.broadcast_to(bias4, (*bias4.shape[:2], lq, lk)).astype(q4.dtype)
+        bias4 = jnp.pad(bias4, [(0, 0), (0, 0), (0, pq - lq), (0, pk - lk)])
+    if mask4 is not None:
+        mask4 = jnp.broadcast_to(mask4, (*mask4.shape[:2], lq, lk))
+        mask4 = jnp.pad(mask4, [(0, 0), (0, 0), (0, pq - lq), (0, pk - lk)], constant_values=True)
+    valid = kv_length if kv_length is not None else (lk if pk != lk else None)
+    lengths = None if valid is None else jnp.full((n,), valid, jnp.int32)
+    out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=mask4, key_value_seq_lengths=lengths,
+                                       implementation="cudnn")[:, :lq]
     return out.reshape(*lead, *out.shape[1:])
 
 

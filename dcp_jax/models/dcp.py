@@ -58,8 +58,24 @@ def compute_options(config: ConfigDict) -> dict:
     attention = config.model.get("attention", "auto")
     if attention not in compute.ATTENTION_IMPLS:
         raise ValueError(f"config.model.attention={attention!r}: expected one of {compute.ATTENTION_IMPLS}")
-    scan = bool(config.clip.get("scan_layers", True)) and int(config.mesh.get("fsdp", 1)) == 1
+    scan = scan_layers(config) and int(config.mesh.get("fsdp", 1)) == 1
     return dict(attention=attention, remat=compute.remat_name(config.model.get("remat", "none")), scan_layers=scan)
+
+
+SCAN_LAYERS = ("auto", "true", "false")
+
+
+def scan_layers(config: ConfigDict) -> bool:
+    """config.clip.scan_layers ("auto", "true", "false"; a bool in configs saved before "auto") -> whether the
+    CLIP blocks run as a scan. "auto": a scan on CPUs and TPUs, a loop on GPUs (for the platform traced for,
+    compute.platform()): compiled for an H200, the B/16 recipe's train step as a loop launched 1622 kernels
+    against 2125 as a scan (whose slicing of stacked weights and activations adds copies outside CUDA
+    graphs), planned 4.84 GiB of temporaries against 5.19 and compiled in 23 s against 34 (docs/performance.md)."""
+    value = config.clip.get("scan_layers", "auto")
+    name = str(value).lower()
+    if name not in SCAN_LAYERS:
+        raise ValueError(f"config.clip.scan_layers={value!r}: expected one of {SCAN_LAYERS}")
+    return compute.platform() != "gpu" if name == "auto" else name == "true"
 
 
 def reencodes_text(config: ConfigDict) -> bool:

@@ -94,7 +94,7 @@ class SwinBlock(nnx.Module):
             q, k, v = (jnp.roll(t, (-shift, -shift), axis=(1, 2)) for t in (q, k, v))
             bias = jnp.asarray(shifted_window_bias(h, window, shift))
         q, k, v = (window_partition(t, window) for t in (q, k, v))
-        y = window_reverse(attention(q, k, v, self.num_heads, bias, self.attention), window, h, w)
+        y = window_reverse(attention(q, k, v, self.num_heads, bias, self.attention, site="decoder.swin"), window, h, w)
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         x = x + self.out_proj(y)
