@@ -89,7 +89,7 @@ def case_config(base, case: Case):
     return config
 
 
-def _cost(lowered) -> tuple[float, float]:
+def lowered_cost(lowered) -> tuple[float, float]:
     """(GFLOPs, GB accessed) of a lowered program, from XLA's cost analysis."""
     cost = lowered.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
@@ -106,7 +106,9 @@ def shared_model(config, cache: dict):
     return nnx.merge(nnx.graphdef(build.abstract_model(config)), cache[key])
 
 
-def run_train(config, case: Case, runs: int, models: dict) -> dict:
+def run_train(config, case: Case, runs: int, models: dict, profile: Path | None = None,
+              profile_steps: int = measure.PROFILE_STEPS) -> dict:
+    """One training case (`profile`: a folder for a trace of `profile_steps` more steps, after the timing)."""
     from dcp_jax import optim, train
 
     devices = jax.local_devices()
@@ -134,7 +136,7 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
                                                                                       *tokens).compile()
     compile_s = time.perf_counter() - start
     with compute.for_cost_analysis():
-        gflops, gbytes = _cost(train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES)
+        gflops, gbytes = lowered_cost(train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES)
                                .lower(state, batch, text, *tokens))
     # the step donates its state: a copy, so that the shared model stays
     holder = {"state": jax.device_put(jax.tree.map(jnp.copy, state), jax.tree.leaves(shardings))}
@@ -144,12 +146,17 @@ def run_train(config, case: Case, runs: int, models: dict) -> dict:
         return metrics["loss"]
 
     step_s, host_s = measure.median_step_and_host_seconds(step, runs)
-    return {"images": batch_size, "compile_s": compile_s, "step_ms": 1e3 * step_s, "host_ms": 1e3 * host_s,
-            "gflops": gflops, "gbytes": gbytes,
-            "plan_gib": measure.compiled_stats(compiled)[1], "device_peak_gib": measure.device_peak_gib()}
+    result = {"images": batch_size, "compile_s": compile_s, "step_ms": 1e3 * step_s, "host_ms": 1e3 * host_s,
+              "gflops": gflops, "gbytes": gbytes,
+              "plan_gib": measure.compiled_stats(compiled)[1], "device_peak_gib": measure.device_peak_gib()}
+    if profile:  # after the timing, which the profiler would slow
+        result["profile"] = str(measure.profile_runs(step, profile, profile_steps, name="train").perfetto)
+    return result
 
 
-def run_slide(config, case: Case, runs: int, models: dict) -> dict:
+def run_slide(config, case: Case, runs: int, models: dict, profile: Path | None = None,
+              profile_steps: int = measure.PROFILE_STEPS) -> dict:
+    """One slide-inference case (`profile`: as run_train's)."""
     model = shared_model(config, models)
     runner = measure.Bench(config, model, mode="slide")
     classes = max(case.selected, 171)  # the vocabulary stage 1 ranks; K = case.selected decoded
@@ -158,15 +165,20 @@ def run_slide(config, case: Case, runs: int, models: dict) -> dict:
     (one, args_one), (two, args_two) = runner.stages(text, case.selected)
     compile_s = time.perf_counter() - start
     with compute.for_cost_analysis():
-        cost_one = _cost(forward.encode_select.lower(runner.graphdef, *args_one, views_per_image=runner.views_per_image,
-                                                     max_slots=classes))
-        cost_two = _cost(forward.decode.lower(runner.graphdef, *args_two, views_per_image=runner.views_per_image,
-                                              num_slots=case.selected))
-    step_s, host_s = measure.median_step_and_host_seconds(lambda: (one(*args_one), two(*args_two)), runs)
-    return {"images": 1, "compile_s": compile_s, "step_ms": 1e3 * step_s, "host_ms": 1e3 * host_s,
-            "gflops": cost_one[0] + cost_two[0],
-            "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(measure.compiled_stats(c)[1] for c in (one, two)),
-            "device_peak_gib": measure.device_peak_gib()}
+        views = runner.views_per_image
+        cost_one = lowered_cost(forward.encode_select.lower(runner.graphdef, *args_one, views_per_image=views,
+                                                            max_slots=classes))
+        cost_two = lowered_cost(forward.decode.lower(runner.graphdef, *args_two, views_per_image=views,
+                                                     num_slots=case.selected))
+    infer = lambda: (one(*args_one), two(*args_two))  # noqa: E731
+    step_s, host_s = measure.median_step_and_host_seconds(infer, runs)
+    result = {"images": 1, "compile_s": compile_s, "step_ms": 1e3 * step_s, "host_ms": 1e3 * host_s,
+              "gflops": cost_one[0] + cost_two[0],
+              "gbytes": cost_one[1] + cost_two[1], "plan_gib": max(measure.compiled_stats(c)[1] for c in (one, two)),
+              "device_peak_gib": measure.device_peak_gib()}
+    if profile:  # after the timing, which the profiler would slow
+        result["profile"] = str(measure.profile_runs(infer, profile, profile_steps, name="forward").perfetto)
+    return result
 
 
 def load_config(spec: str, overrides: dict):
@@ -182,9 +194,12 @@ def load_config(spec: str, overrides: dict):
     return config
 
 
-def run_suite(base, large, out, *, runs: int = 5, only: str = "") -> tuple[list[dict], dict]:
+def run_suite(base, large, out, *, runs: int = 5, only: str = "", profile: Path | None = None,
+              profile_steps: int = measure.PROFILE_STEPS) -> tuple[list[dict], dict]:
     """Every case of CASES (those whose name contains `only`), a row each; writes out/accelerator.{json,md}
-    after every row. Returns (rows, header)."""
+    after every row. Returns (rows, header). `profile`: a folder for a trace of `profile_steps` steps per case,
+    after its timing, in profile/<NN>_<case> (NN: the case's place, since the tiny config names two cases alike);
+    the row's "profile" names its Perfetto file."""
     from tqdm import tqdm
 
     device = jax.local_devices()[0]
@@ -195,10 +210,11 @@ def run_suite(base, large, out, *, runs: int = 5, only: str = "") -> tuple[list[
     if not cases:
         raise ValueError(f"--only {only!r} matches no case; the cases: {', '.join(c.name for c in CASES)}")
     rows, models = [], {}
-    for case in tqdm(cases, desc="accelerator check", unit="case", file=sys.stderr):
+    for i, case in enumerate(tqdm(cases, desc="accelerator check", unit="case", file=sys.stderr)):
         config = case_config(base if case.model == "base" else large, case)
-        result = (run_train if case.kind == "train" else run_slide)(config, case, runs, models)
         name = case.name.replace("B/16" if case.model == "base" else "L/14", config.clip.variant or "tiny")
+        folder = Path(profile) / f"{i:02d}_{measure.folder_name(name)}" if profile else None
+        result = (run_train if case.kind == "train" else run_slide)(config, case, runs, models, folder, profile_steps)
         row = {**dataclasses.asdict(case), "case": name, **result}
         if "step_ms" in result:
             row["images_per_s"] = result["images"] / (result["step_ms"] / 1e3)
@@ -241,24 +257,22 @@ def tpu_slice_devices(name: str) -> tuple[list, float]:
     return list(desc.devices), gib
 
 
-def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
-    """XLA's memory plan per device of one train step of `config` over `devices` (real ones or a TPU
-    topology's), compiled ahead of time from shapes alone: no parameter is created, nothing runs.
-    Backend-dependent choices (dtype and attention "auto", CPU chunks) are made for the devices' platform."""
+def lower_train_step(config, devices, *, num_classes: int = TRAIN_CLASSES, target: str | None = None):
+    """One train step of `config` over `devices` (real ones or a compile-only topology's), lowered from
+    shapes alone: no parameter is created, nothing runs. Backend-dependent choices (dtype and attention
+    "auto", CPU chunks) are made for `target` (default: the devices' platform)."""
     from dcp_jax import optim, train
 
     batch_size = int(config.train.batch_size)
     if batch_size % len(devices):
         raise ValueError(f"train.batch_size={batch_size} does not divide over the {len(devices)} devices")
-    target = devices[0].platform
     mesh = distributed.make_mesh(config.mesh.fsdp, devices)
 
     def model_and_optimizer():
         model = build.abstract_model(config)
         return model, optim.make_optimizer(config, model)
 
-    start = time.perf_counter()
-    with compute.compiling_for(target):
+    with compute.compiling_for(target or devices[0].platform, devices[0]):
         graphdef, state = nnx.split(nnx.eval_shape(model_and_optimizer))
         shardings = distributed.tree_shardings(state, mesh, config.mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
@@ -272,15 +286,27 @@ def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
                                     sharding=distributed.replicated(mesh))
         tokens = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=distributed.replicated(mesh)),
                               measure.random_text_tokens(config, clip_config.text.vocab_size, num_classes))
-        compiled = train.make_train_step(config, graphdef, shardings, num_classes).lower(state, batch, text,
-                                                                                         *tokens).compile()
+        return train.make_train_step(config, graphdef, shardings, num_classes).lower(state, batch, text, *tokens)
+
+
+def memory_gib(compiled) -> dict:
+    """XLA's memory plan of a compiled program per device, in GiB: arguments, outputs, temporaries,
+    donated (alias) and total = arguments + outputs + temporaries - donated."""
     m = compiled.memory_analysis()
     gib = {key: getattr(m, f"{key}_size_in_bytes") / measure.GIB for key in ("argument", "output", "temp", "alias")}
+    return {**gib, "total": gib["argument"] + gib["output"] + gib["temp"] - gib["alias"]}
+
+
+def memory_plan(config, devices, *, num_classes: int = TRAIN_CLASSES) -> dict:
+    """XLA's memory plan per device of one train step of `config` over `devices` (real ones or a TPU
+    topology's), compiled ahead of time from shapes alone (lower_train_step)."""
+    start = time.perf_counter()
+    compiled = lower_train_step(config, devices, num_classes=num_classes).compile()
+    batch_size = int(config.train.batch_size)
     return {"devices": len(devices), "device_kind": devices[0].device_kind, "batch": batch_size,
             "per_device_batch": batch_size // len(devices), "slots": int(config.model.dcs.num_slots),
-            "dtype": compute.resolve_dtype(config.clip.dtype, target).name, "remat": str(config.model.remat),
-            "compile_s": time.perf_counter() - start, **gib,
-            "total": gib["argument"] + gib["output"] + gib["temp"] - gib["alias"]}
+            "dtype": compute.resolve_dtype(config.clip.dtype, devices[0].platform).name,
+            "remat": str(config.model.remat), "compile_s": time.perf_counter() - start, **memory_gib(compiled)}
 
 
 def format_plan(rows: list[dict], config_name: str) -> str:

@@ -23,6 +23,9 @@ machine's memory is compiled and reported but not run.
 `--torch` times the same inference forward in the PyTorch reference (dcp_jax.torch_ref) on the
 same inputs and thread count, one torch run after each JAX run so that both see the same machine load
 (not on CPU rows whose XLA plan exceeds 40 % of the machine's memory: the eager forward keeps more alive). bench.json and bench.md are rewritten after every row. Writes OUT/bench.json ({"rows": [...]}) and OUT/bench.md.
+`--profile DIR` (tables and accelerator suites) also writes a jax.profiler trace of `--profile-steps` more runs of
+each row's timed forward (and training step) or each case's step, after its timing, to DIR/<NN>_<row or case>/,
+for TensorBoard's profile plugin and Perfetto; the row's "profile" names its Perfetto file.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from flax import nnx
 
 from dcp_jax import cli, distributed, files, forward, runtime
 from dcp_jax import config as config_lib
-from dcp_jax.measure import (Bench, compiled_stats, device_peak_gib, has_loops, median_seconds, random_text,
-                             random_text_tokens, too_big_to_run)
+from dcp_jax.measure import (PROFILE_STEPS, Bench, compiled_stats, device_peak_gib, has_loops, median_seconds,
+                             folder_name, profile_note, profile_runs, random_text, random_text_tokens,
+                             too_big_to_run)
 from dcp_jax.models import build, compute, dcp
 from dcp_jax.models.summary import count_params
 
@@ -69,8 +73,10 @@ def measured_selection(workdir, config, spec: str, thetas, images: int) -> tuple
     return list(ds.class_names), counts
 
 
-def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
-    """One training step at batch 1 with K slots on a C-class vocabulary: time, GFLOPs, memory."""
+def train_row(config, model, num_classes: int, slots: int, runs: int, profile: Path | None = None,
+              profile_steps: int = PROFILE_STEPS) -> dict:
+    """One training step at batch 1 with K slots on a C-class vocabulary: time, GFLOPs, memory. `profile`: a
+    folder for a trace of `profile_steps` more steps, after the timing ("train_profile" in the result)."""
     from dcp_jax import optim, train
 
     config = copy.deepcopy(config)  # the caller's config keeps its K
@@ -107,6 +113,8 @@ def train_row(config, model, num_classes: int, slots: int, runs: int) -> dict:
         return metrics
 
     result.update(train_step_s=median_seconds(once, runs), train_device_peak_gib=device_peak_gib())
+    if profile:  # after the timing, which the profiler would slow
+        result["train_profile"] = str(profile_runs(once, profile, profile_steps, name="train").perfetto)
     return result
 
 
@@ -168,16 +176,52 @@ def main(argv=None) -> int:
                       "ahead of time (both in dcp_jax/accelerator.py)", flag_values=f)
     flags.DEFINE_string("tpu", "", "--suite plan: TPU slices to plan for, e.g. v5e-8,v4-8 (needs jax's TPU "
                         "plugin, not a TPU); empty: this machine's devices", flag_values=f)
+    flags.DEFINE_string("gpu", "", "--suite plan: GPUs to compile every accelerator-check program for, e.g. "
+                        "h100,h200 (a100 too; needs jax's CUDA plugin and cuDNN, pip install -e \".[gpu-plan]\", "
+                        "not a GPU): kernels, CUDA graphs, memory, FLOPs, attention paths, estimated time",
+                        flag_values=f)
+    flags.DEFINE_bool("keep-dumps", False, "--suite plan --gpu: keep the XLA dump files each program was read "
+                      "from, in OUT/xla/GPU/PROGRAM", flag_values=f)
     flags.DEFINE_string("large-config", config_lib.config_file("dcp_vitl14_coco_stuff"),
-                        "--suite accelerator: the config of its L/14 cases", flag_values=f)
-    flags.DEFINE_string("only", "", "--suite accelerator: only the cases whose name contains this", flag_values=f)
+                        "--suite accelerator and --suite plan --gpu: the config of their L/14 cases", flag_values=f)
+    flags.DEFINE_string("only", "", "--suite accelerator and --suite plan --gpu: only the cases whose name contains "
+                        "this", flag_values=f)
+    flags.DEFINE_string("profile", None, "also write a jax.profiler trace of --profile-steps runs of each row (tables) "
+                        "or case (accelerator), after its timing, to DIR/<NN>_<name>/ (TensorBoard's profile plugin, "
+                        "Perfetto)", flag_values=f)
+    flags.DEFINE_integer("profile-steps", PROFILE_STEPS, "--profile: runs traced per row or case", flag_values=f)
     cmd.required("out")
     args = cmd.parse()
-    if args.suite == "accelerator":
-        return cmd.run(lambda: run_accelerator_suite(cmd, args))
+    suite = {"accelerator": run_accelerator_suite, "plan": run_memory_plan, "tables": run}[args.suite]
+
+    def body():
+        check_profile(args)
+        suite(cmd, args)
+
+    return cmd.run(body)
+
+
+def check_profile(args) -> None:
+    """A --profile that cannot be written, or that has nothing to trace: an error before any work."""
+    if not args.profile:
+        return
     if args.suite == "plan":
-        return cmd.run(lambda: run_memory_plan(cmd, args))
-    return cmd.run(lambda: run(cmd, args))
+        raise ValueError("--profile: --suite plan compiles ahead of time and runs nothing to trace; profile "
+                         "--suite tables or --suite accelerator")
+    files.check_writable_dir(args.profile, "--profile")
+    if args["profile-steps"].value < 1:
+        raise ValueError(f"--profile-steps {args['profile-steps'].value}: trace at least 1 run")
+
+
+def _profile_folder(args, name: str) -> Path | None:
+    """Where --profile puts one row's trace: DIR/<NN>_<row> (NN: the row's place)."""
+    return Path(args.profile).expanduser() / folder_name(name) if args.profile else None
+
+
+def _print_profile_note(args, rows: list[dict], what: str) -> None:
+    if args.profile:
+        traces = [r[key] for r in rows for key in ("profile", "train_profile") if r.get(key)]
+        print(profile_note(args.profile, traces, what), file=sys.stderr)
 
 
 def run_accelerator_suite(cmd, args) -> None:
@@ -186,8 +230,11 @@ def run_accelerator_suite(cmd, args) -> None:
     config = cmd.config()
     runtime.start(config)
     large = accelerator.load_config(args["large-config"].value, args["config"].override_values)
-    rows, header = accelerator.run_suite(config, large, Path(args.out), runs=args.runs, only=args.only)
+    rows, header = accelerator.run_suite(config, large, Path(args.out), runs=args.runs, only=args.only,
+                                         profile=Path(args.profile).expanduser() if args.profile else None,
+                                         profile_steps=args["profile-steps"].value)
     print(accelerator.format_markdown(rows, header))
+    _print_profile_note(args, rows, f"{args['profile-steps'].value} steps per case, one folder per case")
     print(f"[dcp_jax] {runtime.format_compile_stats()}", file=sys.stderr)
 
 
@@ -195,6 +242,10 @@ def run_memory_plan(cmd, args) -> None:
     from dcp_jax import accelerator
 
     config = cmd.config()
+    if args.gpu:
+        if args.tpu:
+            raise ValueError("--gpu and --tpu: plan for one kind of accelerator at a time")
+        return run_gpu_plan(cmd, args, config)
     runtime.start(config, require_backend="")  # a plan compiles for the slices named, not for this machine
     slices = [t.strip() for t in args.tpu.split(",") if t.strip()]
     targets = ([(name, *accelerator.tpu_slice_devices(name)) for name in slices] if slices
@@ -213,6 +264,21 @@ def run_memory_plan(cmd, args) -> None:
         files.write_json(out / "plan.json", {"config": config_name, "rows": rows})
         files.write_text(out / "plan.md", accelerator.format_plan(rows, config_name))
     print(accelerator.format_plan(rows, config_name))
+
+
+def run_gpu_plan(cmd, args, config) -> None:
+    from dcp_jax import accelerator, gpu_plan, gpu_targets
+
+    names = [g.strip() for g in args.gpu.split(",") if g.strip()]
+    for name in names:
+        gpu_targets.gpu_target(name)  # an unknown name fails before anything compiles
+    # The CUDA plugin's own start-up needs a driver; its compile-only devices come from the CPU backend.
+    jax.config.update("jax_platforms", "cpu")
+    runtime.start(config, require_backend="")
+    large = accelerator.load_config(args["large-config"].value, args["config"].override_values)
+    rows = gpu_plan.run_plan(config, large, names, Path(args.out), only=args.only,
+                             keep_dumps=args["keep-dumps"].value)
+    print(gpu_plan.format_plan(rows))
 
 
 def run(cmd, args) -> None:
@@ -271,21 +337,28 @@ def run(cmd, args) -> None:
                                               seen=np.ones(c, bool), max_slots=slots, bucket=False,
                                               threads=args.threads or os.cpu_count())
 
+            profile = _profile_folder(args, f"{len(rows):02d}_C{c}_theta{theta:g}_K{slots}")
             row = {"vocab_size": c, "theta": theta, "selected": selected, "selected_from": selected_from,
                    "params_total": counted[0], "params_learnable": counted[1],
-                   **bench.row(text, slots, args.runs, torch_forward)}
+                   **bench.row(text, slots, args.runs, torch_forward, profile=profile,
+                               profile_steps=args["profile-steps"].value)}
             rows.append(row)
             save()
     if args.train:
         c = args["train-classes"].value
         if c not in sizes:
             raise ValueError(f"--train-classes={c} must be one of --vocab-sizes ({sizes}): its rows get the columns")
-        for row in tqdm([r for r in rows if r["vocab_size"] == c], desc="bench train", unit="row", file=sys.stderr):
+        for i, row in tqdm([(i, r) for i, r in enumerate(rows) if r["vocab_size"] == c], desc="bench train",
+                           unit="row", file=sys.stderr):
             slots = c if row["theta"] <= 0 else int(config.model.dcs.num_slots)
-            row.update(train_row(config, build.create_model(config), c, slots, args.runs))
+            profile = _profile_folder(args, f"{i:02d}_C{c}_theta{row['theta']:g}_train_K{slots}")
+            row.update(train_row(config, build.create_model(config), c, slots, args.runs, profile,
+                                 args["profile-steps"].value))
             save()
     save()
     print(format_markdown(rows, header))
+    _print_profile_note(args, rows, f"{args['profile-steps'].value} runs per row, one folder per row"
+                        + (" and per training step" if args.train else ""))
 
 
 def _torch_reference(model, config):

@@ -4,14 +4,21 @@ median timing on a drifting machine, random stand-in text, and the two inference
 `Bench(config, model, mode=...)` compiles the inference stages of dcp_jax/forward.py for a slot bucket K and
 reports their GFLOPs, memory and latency (`head_gflops` for the head alone). dcp_jax/bench.py (the tables),
 dcp_jax/accelerator.py (the accelerator check and memory plans), `ablate` and the web page all measure with it.
+
+`profile_trace(DIR)` / `profile_runs(fn, DIR, ...)`: the jax.profiler traces of `--profile DIR` (train and bench),
+readable by TensorBoard's profile plugin and by Perfetto.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import statistics
 import time
+from pathlib import Path
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,8 @@ from dcp_jax import config as config_lib
 from dcp_jax.models import compute, dcp, selection
 
 GIB = 2**30
+PROFILE_STEPS = 3  # steps (train) or runs (bench) traced by default: a steady state to look at, small files
+PERFETTO_FILE = "perfetto_trace.json.gz"  # jax writes it beside HOST.xplane.pb: HOST.trace.json.gz less its metadata
 
 
 def median_seconds(fn, runs: int, other=None) -> float | tuple[float, float]:
@@ -146,9 +155,11 @@ class Bench:
         """GFLOPs of the compiled head (stage 2) at K = slots."""
         return self.gflops(text, slots)[1]
 
-    def row(self, text: jax.Array, slots: int, runs: int, other=None) -> dict:
+    def row(self, text: jax.Array, slots: int, runs: int, other=None, *, profile: str | os.PathLike | None = None,
+            profile_steps: int = PROFILE_STEPS) -> dict:
         """One bench row at K = slots. `other(xla_memory_gib)`: None, or a function to time alternately
-        with the JAX forward (the PyTorch reference), whose median becomes `torch_latency_s`."""
+        with the JAX forward (the PyTorch reference), whose median becomes `torch_latency_s`. `profile`: a folder
+        for a trace of `profile_steps` more runs of the JAX forward, after the timing (`profile` in the row)."""
         stages = (one, args_one), (two, args_two) = self.stages(text, slots)
         clip_gflops, head_gflops = self.gflops(text, slots, stages)
         memory = max(compiled_stats(one)[1], compiled_stats(two)[1])  # of the programs that run
@@ -161,6 +172,8 @@ class Bench:
                     row["latency_s"] = median_seconds(forward, runs)
                 else:
                     row["latency_s"], row["torch_latency_s"] = median_seconds(forward, runs, call)
+            if profile:  # after the timing, which the profiler would slow
+                row["profile"] = str(profile_runs(forward, profile, profile_steps, name="forward").perfetto)
         return {**row, "device_peak_gib": device_peak_gib()}
 
 
@@ -176,3 +189,75 @@ def too_big_to_run(memory_gib: float) -> bool:
     such rows report what XLA planned and are not run."""
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return jax.devices()[0].platform == "cpu" and memory_gib * GIB > 0.8 * physical
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling (`--profile DIR` of train and bench)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trace:
+    """One jax.profiler trace: `directory`, what `tensorboard --logdir` takes, and, once the trace has stopped,
+    `folder`, the run jax wrote there: DIR/plugins/profile/<YYYY_MM_DD_HH_MM_SS>/ with HOST.xplane.pb (what
+    TensorBoard's profile plugin reads), HOST.trace.json.gz and perfetto_trace.json.gz (for ui.perfetto.dev)."""
+    directory: Path
+    folder: Path | None = None
+
+    @property
+    def perfetto(self) -> Path | None:
+        return None if self.folder is None else self.folder / PERFETTO_FILE
+
+
+@contextlib.contextmanager
+def profile_trace(directory: str | os.PathLike) -> Iterator[Trace]:
+    """A jax.profiler trace of the block into `directory` (created), with the Perfetto file. Only one trace can
+    run at a time in a process. The trace is stopped (and written) when the block ends, also on an error,
+    whose traceback is then the one shown."""
+    directory = Path(directory).expanduser().absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    runs = directory / "plugins" / "profile"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    trace = Trace(directory)
+    jax.profiler.start_trace(directory, create_perfetto_trace=True)
+    try:
+        yield trace
+    except BaseException:
+        with contextlib.suppress(Exception):
+            jax.profiler.stop_trace()
+        raise
+    jax.profiler.stop_trace()
+    # jax names a run by the second it stopped: a second trace into DIR within that second reuses the folder
+    new = [p for p in runs.iterdir() if p not in before]
+    trace.folder = max(new or runs.iterdir(), key=os.path.getmtime)
+
+
+def profile_runs(fn, directory: str | os.PathLike, runs: int = PROFILE_STEPS, *, name: str) -> Trace:
+    """A trace of `runs` calls of `fn()`, each waited for and marked as step i of `name`
+    (jax.profiler.StepTraceAnnotation, by which TensorBoard's profile plugin splits a trace into steps). Call it
+    with `fn` compiled and warm (after its timing): the trace then holds steady-state runs only."""
+    with profile_trace(directory) as trace:
+        for i in range(runs):
+            with jax.profiler.StepTraceAnnotation(name, step_num=i):
+                jax.block_until_ready(fn())
+    return trace
+
+
+def folder_name(text: str) -> str:
+    """A row's or case's name as a folder name: letters, digits, '.' and '-' kept, each run of other characters
+    one '_' ("B/16 train K=32" -> "B_16_train_K_32")."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_") or "trace"
+
+
+def profile_note(directory: str | os.PathLike, perfetto: list, what: str) -> str:
+    """The lines printed after a --profile run: where its traces are (`perfetto`: their Perfetto files; `what`:
+    what they hold) and the two ways to open them."""
+    directory = Path(directory).expanduser().absolute()
+    if not perfetto:
+        return f"profile: nothing was traced into {directory} ({what})"
+    more = f" (one per folder, {len(perfetto)} in all)" if len(perfetto) > 1 else ""
+    return "\n".join([
+        f"profile: {len(perfetto)} trace(s) of {what} in {directory}",
+        f"  TensorBoard: tensorboard --logdir {directory}  (pip install tensorboard tensorboard-plugin-profile; "
+        "the PROFILE tab)",
+        f"  Perfetto: open https://ui.perfetto.dev and load {perfetto[0]}{more}"])

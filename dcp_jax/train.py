@@ -7,11 +7,13 @@ checkpoint (model, optimizer and data-iterator state); otherwise the CLIP weight
 `eval.during_training`; at the end the full `eval.datasets` table is evaluated. SIGTERM (a
 preemption notice) to any one process stops every process after the same step with one checkpoint;
 the same command resumes, on the same or another number of hosts. A second trainer on the same W
-is refused.
+is refused. `--profile DIR` writes a jax.profiler trace of `--profile-steps` steps (from this invocation's
+third on, after compilation and a warm-up step) for TensorBoard's profile plugin and Perfetto.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,11 +27,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from dcp_jax import checkpoint as ckpt_lib
-from dcp_jax import cli, distributed, files, runtime
+from dcp_jax import cli, distributed, files, measure, runtime
 from dcp_jax import config as config_lib
 from dcp_jax import loss as loss_lib
 from dcp_jax import optim
@@ -207,7 +208,7 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int):
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
         (loss, metrics), grads = grad_fn(model)
         optimizer.update(model, grads)
-        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+        metrics.update(loss=loss, grad_norm=optim.global_norm(grads),
                        bad_samples=jnp.sum(batch["bad"]) if "bad" in batch else jnp.zeros((), jnp.int32))
         return jax.tree.leaves(nnx.state((model, optimizer))), metrics
 
@@ -219,22 +220,59 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int):
 # ---------------------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       devices=None, stop_after_steps: int | None = None) -> dict:
+                       devices=None, stop_after_steps: int | None = None, profile: str | os.PathLike | None = None,
+                       profile_steps: int = measure.PROFILE_STEPS) -> dict:
     """Train until config.total_steps (resuming from W), evaluate, return a summary dict.
 
     `devices`: restrict the mesh (tests compare 1 and 4 devices); `stop_after_steps`: save and stop
-    after this many steps of this invocation, as if preempted (tests of resume).
+    after this many steps of this invocation, as if preempted (tests of resume). `profile`: a folder for a
+    jax.profiler trace of `profile_steps` steps (`profile_window`), summary["profile"] saying which.
     """
     workdir = Path(workdir).absolute()
     files.check_writable_dir(workdir, "--workdir")
+    check_profile(profile, profile_steps, config)
     workdir.mkdir(parents=True, exist_ok=True)
     config = config_lib.resolve_workdir(config, workdir)
     optim.parameter_rules(config)  # a bad rule fails before any work
     with ckpt_lib.train_lock(workdir):
-        return _train(config, workdir, devices, stop_after_steps)
+        return _train(config, workdir, devices, stop_after_steps, profile, profile_steps)
 
 
-def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
+def check_profile(profile: str | os.PathLike | None, steps: int, config) -> None:
+    """A --profile folder that cannot be written, or no step to trace: an error before any work. (A resumed
+    run with too few steps left is found once its checkpoint is read.)"""
+    if profile:
+        files.check_writable_dir(profile, "--profile")
+        if steps < 1:
+            raise ValueError(f"--profile-steps {steps}: trace at least 1 step")
+        profile_window(0, config.total_steps, steps)
+
+
+PROFILE_SKIP = 2  # steps of an invocation before --profile traces: the first compiles, the second still pays
+# one-time costs (jit's first call through its fast path, the data workers' start-up)
+
+
+def profile_window(start_step: int, total_steps: int, steps: int) -> range:
+    """The steps --profile traces in a run from start_step to total_steps: `steps` of them, after PROFILE_SKIP,
+    or as many as remain. A run with no step past the skipped ones is an error, before training."""
+    first = start_step + 1 + PROFILE_SKIP
+    if first > total_steps:
+        raise ValueError(f"--profile: this run trains {total_steps - start_step} step(s) (steps {start_step + 1} to "
+                         f"total_steps={total_steps}); it traces steps after the first {PROFILE_SKIP} (compilation "
+                         f"and a warm-up), so it needs at least {PROFILE_SKIP + 1}")
+    return range(first, min(first + steps, total_steps + 1))
+
+
+def profile_directory(profile: str | os.PathLike) -> Path:
+    """Where this process writes its trace: DIR with one process; DIR/process_K with several, since jax names
+    a trace's files by host and its folder by the second, so that processes sharing a file system (or a
+    host) would write over each other's."""
+    directory = Path(profile).expanduser().absolute()
+    return directory if jax.process_count() == 1 else directory / f"process_{jax.process_index()}"
+
+
+def _train(config, workdir: Path, devices, stop_after_steps, profile=None,
+           profile_steps=measure.PROFILE_STEPS) -> dict:
     mesh = distributed.make_mesh(config.mesh.fsdp, devices)
     if config.train.batch_size % mesh.devices.size:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
@@ -269,6 +307,8 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
         data_position = int(meta.get("data_position", start_step * config.train.batch_size))
         _say(f"resumed from {checkpointer.directory / str(latest)} at step {start_step} "
              f"(data position {data_position}, {jax.process_count()} process(es))")
+    traced = profile_window(start_step, config.total_steps, profile_steps) if profile else range(0)
+    last_traced = traced[-1] if traced else None
     # Only now, with the checkpoint (if any) restored into this config's model, are the workdir's config,
     # vocabulary and inference assets written: a config that does not fit a trained workdir fails above
     # and leaves every file of it as it was.
@@ -324,11 +364,28 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
     summary = {"start_step": start_step, "losses": {}, "param_bytes_per_device": param_bytes}
     window_start, window_images = time.time(), 0
     step = start_step
+    tracing = contextlib.ExitStack()  # the --profile trace: open from the first traced step through the last
+    trace, traced_steps = None, []
     try:
         with jax.set_mesh(mesh):
             for step in range(start_step + 1, config.total_steps + 1):
-                batch = pipeline.make_global_batch(next(train_iter), data_sharding)
-                state, metrics = train_step(state, batch, text_embeds, guidance_tokens, cost_tokens)
+                if step in traced:
+                    if trace is None:
+                        trace = tracing.enter_context(measure.profile_trace(profile_directory(profile)))
+                    annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
+                    traced_steps.append(step)
+                else:
+                    annotation = contextlib.nullcontext()
+                with annotation:
+                    batch = pipeline.make_global_batch(next(train_iter), data_sharding)
+                    state, metrics = train_step(state, batch, text_embeds, guidance_tokens, cost_tokens)
+                    if step == last_traced:  # its device work inside the trace, which then stops
+                        jax.block_until_ready((state, metrics))
+                if step == last_traced:
+                    writing = time.time()
+                    tracing.close()
+                    window_start += time.time() - writing  # images/s leaves out writing the trace
+                    _profile_done(profile, trace, traced_steps, summary)
                 window_images += config.train.batch_size
                 progress.update(1)
                 is_last = step == config.total_steps
@@ -363,6 +420,13 @@ def _train(config, workdir: Path, devices, stop_after_steps) -> dict:
         summary["compile"] = runtime.compile_stats()
         _say(f"compiled: {runtime.format_compile_stats(summary['compile'])}")
     finally:
+        if trace is not None and trace.folder is None:  # stopped inside the traced steps: what was traced
+            try:
+                tracing.close()
+                if trace.folder is not None:
+                    _profile_done(profile, trace, traced_steps, summary)
+            except Exception as e:  # the error that stopped the run is the one to see
+                _say(f"profile: the trace of steps {traced_steps} could not be written ({type(e).__name__}: {e})")
         progress.close()
         checkpointer.wait()
         checkpointer.close()
@@ -399,6 +463,15 @@ def _evaluate(config, workdir: Path, model, step: int, tokenizer, writer: Metric
     return results
 
 
+def _profile_done(profile, trace: measure.Trace, steps: list[int], summary: dict) -> None:
+    """Record (summary["profile"]) and print where the --profile trace went."""
+    summary["profile"] = {"directory": str(trace.directory), "perfetto": str(trace.perfetto), "steps": steps}
+    what = f"training step(s) {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"training step {steps[0]}"
+    if jax.process_count() > 1:
+        what += ", one folder per process"
+    _say(measure.profile_note(profile, [trace.perfetto], what))
+
+
 def _progress(start: int, total: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
@@ -415,12 +488,19 @@ def main(argv=None) -> int:
     from absl import flags
     flags.DEFINE_string("workdir", None, "run directory: config, checkpoints, metrics, evaluation results",
                         flag_values=cmd.flags)
+    flags.DEFINE_string("profile", None, "write a jax.profiler trace of --profile-steps training steps to this "
+                        "folder (TensorBoard's profile plugin, Perfetto); DIR/process_K with several processes",
+                        flag_values=cmd.flags)
+    flags.DEFINE_integer("profile-steps", measure.PROFILE_STEPS, "--profile: steps traced, from this invocation's "
+                         f"step {PROFILE_SKIP + 1} on (the first compiles, the second warms up)", flag_values=cmd.flags)
     cmd.required("workdir")
     args = cmd.parse()
 
     def body():
+        check_profile(args.profile, args["profile-steps"].value, args.config)  # before the backend starts
         runtime.start(args.config)
-        summary = train_and_evaluate(args.config, args.workdir)
+        summary = train_and_evaluate(args.config, args.workdir, profile=args.profile,
+                                     profile_steps=args["profile-steps"].value)
         if distributed.is_primary() and summary.get("eval"):
             print(json.dumps({name: round(r["mIoU"], 2) for name, r in summary["eval"].items()}))
 

@@ -37,12 +37,12 @@ def test_flops_count_chunked_attention_and_scanned_blocks_in_full(monkeypatch):
 
     config = tiny.get_config()
     text = jnp.asarray(measure.random_text(12, dcp.num_templates(config), 32))
-    config.clip.scan_layers = False
+    config.clip.scan_layers = "false"
     monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1 << 62)
     jax.clear_caches()
     (one, _), (two, _) = measure.Bench(config, build.create_model(config), mode="whole").stages(text, 8)
     plain = measure.compiled_stats(one)[0], measure.compiled_stats(two)[0]  # no loop in either program
-    config.clip.scan_layers = True
+    config.clip.scan_layers = "true"
     runner = measure.Bench(config, build.create_model(config), mode="whole")
     monkeypatch.setattr(compute, "CPU_SCORE_CHUNK_BYTES", 1)  # every attention call in chunks
     jax.clear_caches()
@@ -178,3 +178,69 @@ def test_launch_script_installs_carried_wheels_aside_and_runs_the_check(tmp_path
     assert probes.read_text().split() == ["carried", "carried"]  # the jax line and the bench
     check = subprocess.run([sys.executable, "-c", "import dcp_probe"], capture_output=True, env=dict(os.environ))
     assert check.returncode != 0  # nothing was installed into the environment itself
+
+
+def _perfetto_steps(perfetto, name, programs):
+    """The step numbers of the StepTraceAnnotation events called `name` in a Perfetto file, and whether the
+    trace holds a call of each jitted program named in `programs`."""
+    import gzip
+    with gzip.open(perfetto) as f:
+        events = json.load(f)["traceEvents"]
+    steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == name and e.get("ph") == "X")
+    return steps, all(any(p in e.get("name", "") for e in events) for p in programs)
+
+
+def test_bench_profile_writes_one_trace_per_row(tmp_path, capsys):
+    """--profile: a folder per row with TensorBoard's xplane.pb and Perfetto's file, each holding the runs asked
+    for; the rows' numbers are measured as without it."""
+    code = bench.main(["--config", "configs/tiny.py", "--vocab-sizes", "40", "--thetas", "0,0.5", "--runs", "1",
+                       "--selected", "5", "--config.eval.num_slots=64", "--out", str(tmp_path / "out"),
+                       "--profile", str(tmp_path / "trace"), "--profile-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    folders = sorted(p.name for p in (tmp_path / "trace").iterdir())
+    assert folders == ["00_C40_theta0_K40", "01_C40_theta0.5_K8"]
+    for row, folder in zip(rows, folders):
+        (perfetto,) = (tmp_path / "trace" / folder).glob("plugins/profile/*/perfetto_trace.json.gz")
+        assert row["profile"] == str(perfetto) and list(perfetto.parent.glob("*.xplane.pb"))
+        assert _perfetto_steps(perfetto, "forward", ("encode_select", "decode")) == ([0, 1], True)
+        assert row["latency_s"] > 0
+    assert "2 trace(s)" in err and "tensorboard --logdir" in err and "ui.perfetto.dev" in err
+
+
+def test_accelerator_case_profile_traces_its_step(tmp_path, capsys):
+    """--suite accelerator --profile, one case (the tiny slide-mode inference, the cheapest: a training case takes
+    seconds a step here): its folder, named after the case, holds the runs asked for."""
+    tiny = "configs/tiny.py"
+    code = bench.main(["--suite", "accelerator", "--config", tiny, "--large-config", tiny, "--only", "B/16 slide",
+                       "--runs", "1", "--out", str(tmp_path / "out"), "--profile", str(tmp_path / "trace"),
+                       "--profile-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    (row,) = json.loads((tmp_path / "out" / "accelerator.json").read_text())["rows"]
+    folder = tmp_path / "trace" / "00_tiny_slide_inference_16_classes"
+    (perfetto,) = folder.glob("plugins/profile/*/perfetto_trace.json.gz")
+    assert row["profile"] == str(perfetto) and row["step_ms"] > 0
+    assert _perfetto_steps(perfetto, "forward", ("encode_select", "decode")) == ([0, 1], True)
+    assert "1 trace(s) of 2 steps per case" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--suite", "plan"], "--suite plan compiles ahead of time and runs nothing to trace"),
+    (["--profile-steps", "0"], "trace at least 1 run"),
+])
+def test_bench_profile_errors_are_one_line(tmp_path, capsys, extra, message):
+    code = bench.main(["--config", "configs/tiny.py", "--out", str(tmp_path / "out"), "--profile",
+                       str(tmp_path / "trace"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "trace").exists()
+
+
+def test_bench_profile_folder_that_is_a_file_is_refused(tmp_path, capsys):
+    file = tmp_path / "trace"
+    file.write_text("")
+    code = bench.main(["--config", "configs/tiny.py", "--out", str(tmp_path / "out"), "--profile", str(file)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is a file; give a directory" in err, err

@@ -452,3 +452,62 @@ def test_periodic_evaluation_compiles_nothing_new_and_metrics_reach_tensorboard(
     assert (tmp_path / "eval" / "during_training" / "toy_world.json").exists()
     tags = _tensorboard_tags(tmp_path / "tensorboard")
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/toy_world/mIoU"} <= tags
+
+
+# --------------------------------------------------------------------------------------------------
+# --profile
+# --------------------------------------------------------------------------------------------------
+
+def _perfetto_events(trace_dir):
+    """The events of the one Perfetto file under a --profile folder, and that folder's xplane.pb files."""
+    (perfetto,) = trace_dir.glob("plugins/profile/*/perfetto_trace.json.gz")
+    import gzip
+    with gzip.open(perfetto) as f:
+        return json.load(f)["traceEvents"], list(perfetto.parent.glob("*.xplane.pb"))
+
+
+def test_profile_traces_the_steps_asked_for_and_changes_no_loss(data_dir, four_device_run, tmp_path, capsys):
+    """--profile traces steps 3 and 4 (the first compiles, the second warms up) of the run of four_device_run,
+    as TensorBoard's xplane.pb and Perfetto's JSON; the losses are those of the run without it."""
+    _, plain = four_device_run
+    summary = train.train_and_evaluate(tiny_run_config(data_dir), tmp_path / "w", profile=tmp_path / "trace",
+                                       profile_steps=2)
+    np.testing.assert_array_equal(losses(summary), losses(plain))
+    assert summary["profile"]["steps"] == [3, 4]
+    events, xplanes = _perfetto_events(tmp_path / "trace")
+    assert len(xplanes) == 1 and xplanes[0].stat().st_size > 0
+    assert summary["profile"]["perfetto"] == str(next((tmp_path / "trace").rglob("perfetto_trace.json.gz")))
+    steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train" and e.get("ph") == "X")
+    assert steps == [3, 4]  # StepTraceAnnotation: one event per traced step, no other step
+    assert any("train_step" in e.get("name", "") for e in events)  # the jitted step ran inside the trace
+    err = capsys.readouterr().err
+    assert "tensorboard --logdir" in err and "ui.perfetto.dev" in err and "training step(s) 3-4" in err
+
+
+def test_profile_of_a_run_stopped_inside_its_traced_steps_writes_what_it_traced(data_dir, tmp_path):
+    """Stopped (as by SIGTERM) after step 3 of steps 3-4 to trace: the trace of step 3 is written."""
+    summary = train.train_and_evaluate(tiny_run_config(data_dir), tmp_path / "w", stop_after_steps=3,
+                                       profile=tmp_path / "trace", profile_steps=2)
+    assert summary["stopped_early"] and summary["profile"]["steps"] == [3]
+    events, _ = _perfetto_events(tmp_path / "trace")
+    assert [e["args"]["step_num"] for e in events if e.get("name") == "train" and e.get("ph") == "X"] == ["3"]
+
+
+def test_profile_window_skips_compilation_and_warm_up():
+    assert train.profile_window(0, 100, 3) == range(3, 6)
+    assert train.profile_window(10, 14, 5) == range(13, 15)  # a resumed run: its own first steps are skipped
+    with pytest.raises(ValueError, match="needs at least 3"):
+        train.profile_window(0, 2, 3)
+
+
+def test_profile_folder_errors_are_one_line(tmp_path, capsys):
+    """A --profile that is a file, or no step to trace, stops the command before any work, in one line."""
+    file = tmp_path / "not_a_folder"
+    file.write_text("")
+    for extra, message in ((["--profile", str(file)], "is a file; give a directory"),
+                           (["--profile", str(tmp_path / "t"), "--profile-steps", "0"], "trace at least 1 step"),
+                           (["--profile", str(tmp_path / "t"), "--config.total_steps=2"], "needs at least 3")):
+        code = train.main(["--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(tmp_path / "w"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "t").exists()
