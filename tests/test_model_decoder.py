@@ -59,3 +59,28 @@ def test_window_must_divide_the_map():
     enhance = decoder.SpatialEnhance(8, 0, 2, 3, dtype=jnp.float32, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="decoder.window"):
         enhance(jnp.zeros((1, 8, 8, 8)), None)
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_block_conv_transpose_is_flax_conv_transpose(stride):
+    """The decoder's upsampling as a matmul and a depth-to-space (decoder.BlockConvTranspose) gives
+    nnx.ConvTranspose's output and gradients with the same parameters (float32, highest precision;
+    1e-6 of the output's scale: sums in another order)."""
+    from dcp_jax.models.decoder import BlockConvTranspose
+
+    block = BlockConvTranspose(6, 5, (stride, stride), (stride, stride), padding="VALID", rngs=nnx.Rngs(0))
+    plain = nnx.ConvTranspose(6, 5, (stride, stride), (stride, stride), padding="VALID", rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(stride).standard_normal((3, 4, 5, 6)), jnp.float32)
+
+    def loss(module, x):
+        return jnp.sum(jnp.sin(module(x)))
+
+    with jax.default_matmul_precision("highest"):
+        out, want = block(x), plain(x)
+        grads = nnx.grad(loss, argnums=(0, 1))(block, x)
+        want_grads = nnx.grad(loss, argnums=(0, 1))(plain, x)
+    assert out.shape == want.shape == (3, 4 * stride, 5 * stride, 5)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6 * scale)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5 * float(jnp.max(jnp.abs(expected))))

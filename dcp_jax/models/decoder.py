@@ -169,6 +169,28 @@ def _conv3x3_eigen_bwd(precision, residuals, grad):
 _conv3x3_eigen.defvjp(_conv3x3_eigen_fwd, _conv3x3_eigen_bwd)
 
 
+class BlockConvTranspose(nnx.ConvTranspose):
+    """nnx.ConvTranspose whose kernel equals its strides with VALID padding (every upsampling of the decoder):
+    each input pixel writes its own s x s block of the output, so the layer is one matmul [..., C] x [C, s*s*O]
+    and a depth-to-space. XLA lowers a transposed convolution to a convolution over the input dilated with
+    zeros, s*s times the work: compiled for an H200, the stride-4 upsampling of the shallow CLIP features
+    was a 145 GFLOP cuDNN convolution for one image's 5 slide views, where the matmul is 9 GFLOP
+    (docs/performance.md, "The GPU plan"). The same parameters and result: flax's transposed convolution
+    applies the kernel flipped, as the einsum does (tests/test_model_decoder.py)."""
+
+    def __call__(self, inputs):
+        strides = tuple(self.strides) if self.strides is not None else None
+        if (strides != tuple(self.kernel_size) or self.padding != "VALID" or self.kernel_dilation not in (None, 1)
+                or self.transpose_kernel or inputs.ndim != 4):
+            return super().__call__(inputs)
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = nnx.nn.dtypes.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel[::-1, ::-1], precision=self.precision)
+        b, h, si, w, sj, out = y.shape
+        y = y.reshape(b, h * si, w * sj, out)
+        return y if bias is None else y + bias
+
+
 class DoubleConv(nnx.Module):
     """(Conv3x3 without bias - GroupNorm - ReLU) x 2."""
 
@@ -221,17 +243,17 @@ class DecoderLayer(nnx.Module):
                                           attention=attention, remat=remat, rngs=rngs)
         # Upsampling path.
         up_dim = in_dim // 2
-        self.up = nnx.ConvTranspose(in_dim, up_dim, (2, 2), (2, 2), padding="VALID", dtype=dtype, rngs=rngs)
+        self.up = BlockConvTranspose(in_dim, up_dim, (2, 2), (2, 2), padding="VALID", dtype=dtype, rngs=rngs)
         fused = up_dim
         if cfg.fuse_cost:
             cost_in = num_templates if index == 0 else cfg.cost_dims[index - 1]
-            self.cost_up = nnx.ConvTranspose(
+            self.cost_up = BlockConvTranspose(
                 cost_in, cfg.cost_dims[index], (2, 2), (2, 2), padding="VALID", dtype=dtype, rngs=rngs
             )
             fused += cfg.cost_dims[index]
         if cfg.fuse_shallow:
             stride = 2 ** (index + 1)  # grid -> this layer's output resolution in one step (CAT-Seg)
-            self.shallow_up = nnx.ConvTranspose(
+            self.shallow_up = BlockConvTranspose(
                 clip_width, cfg.shallow_dims[index], (stride, stride), (stride, stride), padding="VALID",
                 dtype=dtype, rngs=rngs,
             )
