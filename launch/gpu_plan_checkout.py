@@ -74,8 +74,11 @@ try:
     lowered = step.lower(jax.tree.leaves(state), batch, text, None)
 except Exception:
     lowered = step.lower(state, batch, text, None)
+import time
+start = time.perf_counter()
 compiled = lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False, "xla_dump_to": sys.argv[2]})
-print(json.dumps({"temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}))
+print(json.dumps({"temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30,
+                  "compile_s": time.perf_counter() - start}))
 """
 
 
@@ -105,12 +108,12 @@ def main() -> int:
         program = gpu_program.read_program(dump)
     estimate = gpu_program.estimate(program, target.bf16_tflops, target.memory_bandwidth)
     ms = 1e3 * estimate["seconds"]
-    temp = json.loads(run.stdout.strip().splitlines()[-1])["temp_gib"]
+    compiled = json.loads(run.stdout.strip().splitlines()[-1])
     settings = "".join(f", {item}" for item in args.set)
     print(f"{checkout.name}: B/16 train step, bfloat16, batch 4, K = 32{settings}, compiled for {target.device_kind}")
     print(f"kernels per step: {program.launches()} ({program.launches(in_graph=True)} in CUDA graphs, "
           f"{program.graph_launches} graph launches); kernel FLOPs {program.flops() / 1e9:.0f} G; "
-          f"XLA's temporaries {temp:.2f} GiB")
+          f"XLA's temporaries {compiled['temp_gib']:.2f} GiB; compiled in {compiled['compile_s']:.1f} s")
     print(f"estimate: {ms:.2f} ms = kernels {1e3 * estimate['kernel_seconds']:.2f} ms + launches "
           f"{1e3 * estimate['launch_seconds']:.2f} ms")
     if args.measured_ms:
