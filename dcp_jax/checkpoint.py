@@ -188,10 +188,19 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
-        """Restore model and optimizer in place (onto the current shardings); returns the meta dict."""
-        args = dict(model=ocp.args.StandardRestore(nnx.state(model, nnx.Param)),
-                    opt=ocp.args.StandardRestore(nnx.state(optimizer)),
+    def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, mesh,
+                      mesh_config) -> dict:
+        """Restore model and optimizer in place, each array read straight into its sharding on `mesh`
+        (distributed.tree_shardings): every process builds only its own shards, so a checkpoint restores
+        onto any number of processes and devices, whatever topology saved it. (Restored onto the arrays'
+        current placement instead, a process's optimizer moments land on its own first device, which no
+        later step can move onto a mesh that spans processes.) Returns the meta dict."""
+        def target(state):
+            shardings = distributed.tree_shardings(state, mesh, mesh_config)
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+        args = dict(model=ocp.args.StandardRestore(target(nnx.state(model, nnx.Param))),
+                    opt=ocp.args.StandardRestore(target(nnx.state(optimizer))),
                     meta=ocp.args.JsonRestore())
         restored = self._restore(step, args)
         nnx.update(model, restored["model"])

@@ -300,7 +300,8 @@ def _train(config, workdir: Path, devices, stop_after_steps, profile=None,
     start_step, data_position = 0, 0
     latest = checkpointer.latest_step()
     if latest is not None:
-        meta = checkpointer.restore_train(latest, model=model, optimizer=optimizer)
+        meta = checkpointer.restore_train(latest, model=model, optimizer=optimizer, mesh=mesh,
+                                          mesh_config=config.mesh)
         start_step = int(meta["step"])
         # Samples trained on so far, one number for all hosts (older checkpoints: step x batch, which
         # is what their fixed batch size made it).
