@@ -7,6 +7,8 @@ configs start from it and say what they change.
 
 from __future__ import annotations
 
+import math
+
 import os
 from importlib import resources
 from pathlib import Path
@@ -40,6 +42,7 @@ RANGES = {
     "model.tv.k": (1, None), "mesh.fsdp": (1, None), "mesh.min_shard_size": (0, None), "eval.batch_size": (1, None),
     "eval.num_slots": (0, None), "eval.max_images": (0, None), "eval.during_training_images": (0, None),
     "eval.short_side": (1, None), "optim.lr": (0.0, None), "optim.grad_clip_norm": (0.0, None),
+    "optim.weight_decay": (0.0, None), "optim.clip_lr_mult": (0.0, None), "optim.warmup_steps": (0, None),
 }
 
 
@@ -53,6 +56,8 @@ def check_ranges(config) -> None:
                 break
         if node is None or isinstance(node, bool) or not isinstance(node, (int, float)):
             continue
+        if not math.isfinite(node):  # nan passes every comparison below
+            raise ValueError(f"config.{key}={node!r}: must be a finite number")
         if (low is not None and node < low) or (high is not None and node > high):
             allowed = f">= {low}" if high is None else f"between {low} and {high}"
             raise ValueError(f"config.{key}={node!r}: must be {allowed}")

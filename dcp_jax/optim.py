@@ -116,6 +116,13 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(jnp.sum(flat * flat))
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every value of every array of `tree` is finite, as one reduction over their concatenation (a norm
+    would overflow to inf for huge but finite values)."""
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.isfinite(jnp.concatenate(leaves))) if leaves else jnp.ones((), bool)
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm with the norm of `global_norm` (the same arithmetic, fewer kernels)."""
 

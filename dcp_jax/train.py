@@ -41,8 +41,8 @@ from dcp_jax.models import build, dcp
 from dcp_jax.models import clip as clip_lib
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(ValueError):
+    """Training diverged (a non-finite loss, gradient norm or parameter): a one-line error, like bad input."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +208,11 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int):
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
         (loss, metrics), grads = grad_fn(model)
         optimizer.update(model, grads)
-        metrics.update(loss=loss, grad_norm=optim.global_norm(grads),
+        grad_norm = optim.global_norm(grads)
+        # Whether this step's loss, gradients and updated parameters are all finite: what the loop checks before
+        # it logs or saves, so that a diverged state is never written over a good checkpoint (one reduction).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & optim.all_finite(nnx.state(model, trainable))
+        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite,
                        bad_samples=jnp.sum(batch["bad"]) if "bad" in batch else jnp.zeros((), jnp.int32))
         return jax.tree.leaves(nnx.state((model, optimizer))), metrics
 
@@ -390,22 +394,20 @@ def _train(config, workdir: Path, devices, stop_after_steps, profile=None,
                 window_images += config.train.batch_size
                 progress.update(1)
                 is_last = step == config.total_steps
+                signalled = stop_signal.check(step)
+                stopping = signalled or (stop_after_steps is not None and step - start_step >= stop_after_steps)
+                saving = step % config.checkpoint_every_steps == 0 or is_last or stopping
+                if saving or step % config.log_every_steps == 0 or is_last:
+                    check_finite(step, jax.device_get(metrics), checkpointer.latest_step())
                 if step % config.log_every_steps == 0 or is_last:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not all(np.isfinite(v) for v in (m["loss"], m["grad_norm"])):
-                        raise NonFiniteLossError(
-                            f"loss or gradient norm is not finite at step {step} (loss={m['loss']}, "
-                            f"grad_norm={m['grad_norm']}). Stopped without saving; the last checkpoint "
-                            "is intact. Lower optim.lr or check the data.")
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                     now = time.time()
                     m.update(lr=float(schedule(step - 1)), images_per_sec=window_images / max(now - window_start, 1e-9))
                     window_start, window_images = now, 0
                     summary["losses"][step] = m["loss"]
                     writer.write(step, m)
                     progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
-                signalled = stop_signal.check(step)
-                stopping = signalled or (stop_after_steps is not None and step - start_step >= stop_after_steps)
-                if step % config.checkpoint_every_steps == 0 or is_last or stopping:
+                if saving:
                     save(step)
                 if stopping:
                     _say(f"stopping at step {step} ({'SIGTERM' if signalled else 'stop_after_steps'}); "
@@ -434,6 +436,21 @@ def _train(config, workdir: Path, devices, stop_after_steps, profile=None,
         writer.close()
         stop_signal.close()
     return summary
+
+
+def check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
+    """NonFiniteLossError, naming what diverged, where a step's metrics (the train step's `finite`) say its loss,
+    gradient norm or updated parameters are not all finite: the run stops before it logs or saves the step."""
+    if bool(metrics["finite"]):
+        return
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    what = [name for name, v in (("the loss", loss), ("the gradient norm", grad_norm)) if not np.isfinite(v)]
+    intact = (f"the last checkpoint (step {last_saved}) is intact, and the same command resumes from it"
+              if last_saved is not None else "no checkpoint was saved")
+    raise NonFiniteLossError(
+        f"training diverged at step {step}: {' and '.join(what) or 'the updated parameters'} not finite "
+        f"(loss={loss}, gradient norm={grad_norm}). Stopped without logging or saving this step; {intact}. "
+        "Lower optim.lr or check the data.")
 
 
 def _evaluate(config, workdir: Path, model, step: int, tokenizer, writer: MetricWriter, *, final: bool,

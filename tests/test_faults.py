@@ -24,6 +24,10 @@ def _one_line_error(capsys, code, *needles):
     ("--config.model.dcs.theta=1.5", "config.model.dcs.theta=1.5: must be between 0.0 and 1.0"),
     ("--config.eval.max_images=-3", "config.eval.max_images=-3: must be >= 0"),
     ("--config.train.batch_size=0", "config.train.batch_size=0: must be >= 1"),
+    # nan passes every comparison: refused as not finite (issue 32 item 4)
+    ("--config.optim.lr=nan", "config.optim.lr=nan: must be a finite number"),
+    ("--config.model.dcs.theta=nan", "config.model.dcs.theta=nan: must be a finite number"),
+    ("--config.optim.weight_decay=-1", "config.optim.weight_decay=-1.0: must be >= 0.0"),
 ])
 def test_out_of_range_config_values_stop_train_before_anything_is_written(tmp_path, capsys, override, needle):
     workdir = tmp_path / "w"

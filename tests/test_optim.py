@@ -44,3 +44,11 @@ def test_global_norm_is_optax_norm():
     tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": [jnp.ones(4, jnp.bfloat16), jnp.full((), -2.0)]}
     np.testing.assert_allclose(float(optim.global_norm(tree)), float(optax.tree.norm(tree)), rtol=1e-6)
     assert float(optim.global_norm({})) == 0.0
+
+
+def test_all_finite_sees_every_value_and_no_overflow():
+    tree = {"a": jnp.full((3,), 1e30), "b": [jnp.ones((2, 2), jnp.bfloat16)]}
+    assert bool(optim.all_finite(tree))  # a norm of these overflows: the check must not
+    assert not bool(optim.all_finite({**tree, "c": jnp.array([0.0, jnp.nan])}))
+    assert not bool(optim.all_finite({**tree, "c": jnp.array([-jnp.inf])}))
+    assert bool(optim.all_finite({}))

@@ -321,6 +321,33 @@ def test_two_processes_stop_resume_on_two_then_on_one(data_dir, tmp_path):
     np.testing.assert_allclose([m["loss"] for m in lines], losses(reference), rtol=1e-4)
 
 
+def test_diverged_training_never_saves_over_a_good_checkpoint(data_dir, tmp_path):
+    """lr = 1e30: step 1 leaves finite (huge) parameters, step 2 diverges. With a checkpoint every step and a log
+    every 5, the run stops at step 2 before saving it, with one line naming the step and the intact checkpoint;
+    every saved checkpoint is finite and metrics.jsonl is strict JSON (issue 32 item 4: NaN checkpoints were
+    saved and called intact)."""
+    workdir = tmp_path / "run"
+    run = subprocess.run(_train_cmd(workdir, data_dir, "--config.total_steps=6", "--config.optim.lr=1e30",
+                                    "--config.checkpoint_every_steps=1", "--config.log_every_steps=5"),
+                         capture_output=True, text=True, timeout=400, env=_env(XLA_FLAGS=xla_flags(4)))
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert ("training diverged at step 2: the loss and the gradient norm not finite" in run.stderr
+            or "training diverged at step 2: the gradient norm not finite" in run.stderr), run.stderr[-2000:]
+    assert "the last checkpoint (step 1) is intact, and the same command resumes from it" in run.stderr
+    assert ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [1]
+    model = ckpt_lib.restore_model(workdir)[0]
+    from flax import nnx
+    assert all(bool(np.all(np.isfinite(np.asarray(p)))) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    def strict(token):
+        raise ValueError(f"metrics.jsonl holds {token}")
+
+    metrics = workdir / "metrics.jsonl"
+    for line in (metrics.read_text().splitlines() if metrics.exists() else []):
+        json.loads(line, parse_constant=strict)
+
+
 def test_optimizer_lr_groups_weight_decay_and_freezing(tmp_path):
     """One AdamW step with unit gradients: every trainable param moves by lr (head) or lr x 0.01 (CLIP),
     plus decoupled weight decay except on norm layers; frozen params are not in the optimizer."""
