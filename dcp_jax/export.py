@@ -18,17 +18,23 @@ import ml_collections
 
 from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax import cli, files, runtime
-from dcp_jax.export_format import ExportError, write_export
+from dcp_jax.export_format import LAYOUT_FILE, ExportError, is_export, write_export
 
 
 def _check_out_dir(out: Path, workdir: Path, overwrite: bool) -> None:
+    """`out` and `workdir` resolved (symlinks, ..): an export never replaces the workdir, a folder holding it,
+    or a non-empty folder that is not an earlier export (--overwrite replaces only those)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory; choose another path")
     if out == workdir or out in workdir.parents:
         raise ExportError(f"--out {out} is (or contains) the workdir {workdir}; export into another directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace it, "
-                          "or choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--out {out} exists and is not empty; pass --overwrite to replace an earlier "
+                              "export there, or choose a new directory")
+        if not is_export(out):
+            raise ExportError(f"--out {out} holds files that are not a dcp_jax export (no {LAYOUT_FILE}); "
+                              "--overwrite replaces only an earlier export: choose a new or empty directory")
 
 
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str | int | None = None,
@@ -36,9 +42,9 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, checkp
                    config: ml_collections.ConfigDict | None = None) -> Path:
     """Export W's checkpoint (default: the latest) into `out`. Returns the export directory.
 
-    Refuses a non-empty `out` unless `overwrite`. Writes into a temporary sibling of `out` and renames it
-    into place at the end: a failed export leaves `out` as it was."""
-    workdir, out = Path(workdir).absolute(), Path(out).absolute()
+    Refuses a non-empty `out` unless `overwrite` and `out` is an earlier export (`is_export`). Writes into a
+    temporary sibling of `out` and renames it into place at the end: a failed export leaves `out` as it was."""
+    workdir, out = Path(workdir).expanduser().resolve(), Path(out).expanduser().resolve()
     if not workdir.is_dir():
         raise ExportError(f"--workdir {workdir} does not exist; give the directory dcp_jax.train wrote")
     if not (workdir / ckpt_lib.CONFIG_NAME).exists():
@@ -55,8 +61,9 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, checkp
             progress.update(1)
             write_export(model, config, tmp, tokenizer_dir=ckpt_lib.tokenizer_dir(workdir),
                          train_classes=ckpt_lib.load_train_classes(workdir), step=step, progress=progress)
-            if out.is_dir() and any(out.iterdir()) and not overwrite:  # appeared while exporting
-                raise ExportError(f"--out {out} became non-empty during the export; pass --overwrite to replace it")
+            if out.is_dir() and any(out.iterdir()) and not (overwrite and is_export(out)):  # appeared meanwhile
+                raise ExportError(f"--out {out} changed during the export (it holds files now that are not an "
+                                  "earlier export to replace); it was left as it is")
     finally:
         progress.close()
     return out
@@ -74,7 +81,8 @@ def main(argv=None) -> int:
     flags.DEFINE_string("out", None, "export directory DIR (created; must be new or empty)", flag_values=f)
     flags.DEFINE_string("checkpoint", None, "step number or step directory such as W/checkpoints/5000 "
                         "(default: the latest)", flag_values=f)
-    flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory", flag_values=f)
+    flags.DEFINE_bool("overwrite", False, "replace an earlier export in --out (a non-empty folder that is not an "
+                      "export is never replaced)", flag_values=f)
     flags.DEFINE_bool("verify", False, "after exporting, load DIR back in JAX and in PyTorch (dcp_jax.torch_ref), run "
                       "both on random inputs and print their max logit difference as the last line; exit 1 above "
                       "the tolerance (1e-4)", flag_values=f)

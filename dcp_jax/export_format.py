@@ -260,6 +260,12 @@ def _readme(config, clip_config: clip_lib.CLIPConfig, step, layout: dict, has_cl
 # Reading (the inverse)
 # ---------------------------------------------------------------------------------------------
 
+def is_export(directory: str | os.PathLike) -> bool:
+    """Whether `directory` is an export this module wrote: its head layout file is the export's own marker."""
+    directory = Path(directory)
+    return (directory / LAYOUT_FILE).is_file() and (directory / HEAD_FILE).is_file()
+
+
 def load_export(directory: str | os.PathLike, config: ml_collections.ConfigDict | None = None) -> dcp.DCPCLIP:
     """Rebuild the DCPCLIP an export came from (the exact inverse of the export). `config`: the run config
     (default DIR/config.json). Strict: every head tensor must be there, with the right name and shape."""

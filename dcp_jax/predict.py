@@ -89,6 +89,37 @@ def check_out_dir(out_dir: Path, paths: list[Path]) -> None:
     files.check_writable_dir(out, "--out-dir")
 
 
+WRITTEN_BY = "dcp_jax.predict"  # in every <stem>.json predict writes: the outputs it may replace on a rerun
+_LEGACY_KEYS = {"image", "height", "width", "classes", "vocabulary", "zero_shot", "step"}  # before the marker
+
+
+def output_names(path: Path) -> list[str]:
+    """The files predict writes for an input image, in --out-dir."""
+    return [f"{path.stem}_labels.png", f"{path.stem}_overlay.png", f"{path.stem}.json"]
+
+
+def written_by_predict(summary_file: Path) -> bool:
+    """Whether `summary_file` is a <stem>.json that predict wrote (its marker, or its keys before the marker)."""
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(summary, dict) and (summary.get("written_by") == WRITTEN_BY or set(summary) == _LEGACY_KEYS)
+
+
+def check_outputs_free(out_dir: Path, paths: list[Path]) -> None:
+    """Before any inference: predict never replaces a file it did not write. An image's outputs that exist
+    are replaced only where its <stem>.json says predict wrote them (a rerun); otherwise a one-line error
+    names the first such file."""
+    for path in paths:
+        names = output_names(path)
+        present = [out_dir / n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+        if present and not written_by_predict(out_dir / names[-1]):
+            raise FileExistsError(f"--out-dir {out_dir}: {present[0]} exists and was not written by dcp_jax.predict "
+                                  f"(for {path.name} it writes {', '.join(names)}); predict never replaces a file "
+                                  "it did not write: move it, or choose another --out-dir")
+
+
 def predict_files(segmenter: Segmenter, paths: list[Path], class_names: list[str], out_dir: Path
                   ) -> tuple[list[dict], list[str]]:
     """Segment each file and write its three outputs. Returns (per-image summaries, one error line per
@@ -102,12 +133,14 @@ def predict_files(segmenter: Segmenter, paths: list[Path], class_names: list[str
             errors.append(str(e))
             continue
         labels = segmenter.segment([image])[0]
-        visualize.save_label_png(labels, out_dir / f"{path.stem}_labels.png", len(class_names))
-        visualize.save_png(visualize.overlay(image, labels, class_names), out_dir / f"{path.stem}_overlay.png")
-        summary = {"image": str(path), "height": int(labels.shape[0]), "width": int(labels.shape[1]),
+        labels_png, overlay_png, summary_json = (out_dir / n for n in output_names(path))
+        visualize.save_label_png(labels, labels_png, len(class_names))
+        visualize.save_png(visualize.overlay(image, labels, class_names), overlay_png)
+        summary = {"written_by": WRITTEN_BY, "image": str(path), "height": int(labels.shape[0]),
+                   "width": int(labels.shape[1]),
                    "classes": visualize.class_summary(labels, class_names), "vocabulary": class_names,
                    "zero_shot": segmenter.zero_shot, "step": segmenter.step}
-        files.write_json(out_dir / f"{path.stem}.json", summary)
+        files.write_json(summary_json, summary)
         summaries.append(summary)
     return summaries, errors
 
@@ -134,6 +167,7 @@ def main(argv=None) -> int:
         class_names = read_classes(args.classes, args["classes-file"].value)
         paths = list_images(args.image)
         check_out_dir(Path(args["out-dir"].value), paths)
+        check_outputs_free(Path(args["out-dir"].value), paths)
         if not (args["zero-shot"].value or args.workdir):
             raise ValueError("give --workdir (a trained run) or --zero-shot CLIP_DIR")
         config = cmd.config() if args["zero-shot"].value else cmd.config(args.workdir)

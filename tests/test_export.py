@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -446,3 +447,37 @@ def test_openai_bpe_tokenizer_is_written_in_transformers_form(exported, tmp_path
     reference = text_lib.load_tokenizer(source)
     texts = ["a photo of a cat.", "Zürich café"]
     assert CLIPTokenizer.from_pretrained(target)(texts)["input_ids"] == reference(texts)["input_ids"]
+
+
+def test_overwrite_replaces_only_an_earlier_export(workdir, exported, tmp_path, capsys):
+    """--overwrite never deletes what an export did not write (issue 32 item 2): W/checkpoints, the workdir
+    reached through a symlink or '..', and a user's folder are refused and left as they were; an earlier
+    export (its head layout file is the marker) is replaced."""
+    from dcp_jax import export
+    from dcp_jax.export_format import ExportError
+
+    checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    code = export.main(["--workdir", str(workdir), "--out", str(workdir / "checkpoints"), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds files that are not a dcp_jax export" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == checkpoints
+
+    link = tmp_path / "link"
+    link.symlink_to(workdir)
+    for out in (workdir, workdir / "checkpoints" / ".."):
+        with pytest.raises(ExportError, match=r"is \(or contains\) the workdir"):
+            export.export_workdir(link, out, overwrite=True)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == checkpoints
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="--overwrite replaces only an earlier export"):
+        export.export_workdir(workdir, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(exported, earlier)
+    (earlier / "stale.txt").write_text("from the earlier export's folder")
+    export.export_workdir(workdir, earlier, overwrite=True)
+    assert not (earlier / "stale.txt").exists() and (earlier / "dcp_head_layout.json").is_file()

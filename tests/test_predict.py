@@ -275,3 +275,29 @@ def test_segment_returns_labels_at_each_image_size(run, segmenter, tmp_path_fact
     np.testing.assert_array_equal(labels[0], written)
     with pytest.raises(ValueError, match="original_sizes"):
         segmenter.segment([full], resized=True)
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(run, tmp_path, capsys):
+    """A user's own <stem>.json (an annotation tool's) in --out-dir: refused before any inference with one line
+    naming it, and kept byte for byte; predict's own outputs of an earlier run are replaced (issue 32 item 2)."""
+    workdir, data_dir = run
+    image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
+    vocabulary = dataset_classes(data_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / f"{VAL_STEMS[0]}.json"
+    mine.write_text('{"annotations": [1, 2, 3]}')
+    args = ("--workdir", workdir, "--image", image, "--classes", ",".join(vocabulary), "--out-dir", out)
+    code, _, err = run_predict(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{mine} exists and was not written by dcp_jax.predict" in err and "move it" in err
+    assert mine.read_text() == '{"annotations": [1, 2, 3]}'
+    assert sorted(p.name for p in out.iterdir()) == [mine.name]  # nothing else written
+    mine.unlink()
+    for _ in range(2):  # the second run replaces what the first wrote
+        code, _, err = run_predict(capsys, *args)
+        assert code == 0, err
+        assert json.loads(mine.read_text())["written_by"] == "dcp_jax.predict"
+    (out / f"{VAL_STEMS[0]}.json").unlink()  # its overlay and labels remain, now without predict's marker
+    code, _, err = run_predict(capsys, *args)
+    assert code == 2 and f"{VAL_STEMS[0]}_labels.png exists and was not written by dcp_jax.predict" in err
