@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -172,6 +173,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
+        self._unsealed: list[int] = []  # saved steps whose checksums are not written yet (orbax saves async)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -183,10 +185,17 @@ class Checkpointer:
         args = dict(model=ocp.args.StandardSave(nnx.state(model, nnx.Param)),
                     opt=ocp.args.StandardSave(nnx.state(optimizer)),
                     meta=ocp.args.JsonSave(meta))
+        self.wait()  # the previous save finished and sealed: orbax waits for it before starting this one anyway
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        self._unsealed.append(step)
 
     def wait(self) -> None:
+        """Wait for the saves in flight, then write their checksums (`seal`)."""
         self.manager.wait_until_finished()
+        for step in self._unsealed:
+            if distributed.is_primary() and (self.directory / str(step)).is_dir():  # not removed by keep
+                seal(self.directory / str(step))
+        self._unsealed.clear()
 
     def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, mesh,
                       mesh_config) -> dict:
@@ -214,9 +223,18 @@ class Checkpointer:
         return restored["model"], dict(restored["meta"])
 
     def _restore(self, step: int, args: dict):
-        if step not in self.all_steps():
+        steps = self.all_steps()
+        if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                  f"available steps: {self.all_steps() or 'none'}")
+                                  f"available steps: {steps or 'none'}")
+        damage = check_seal(self.directory / str(step))
+        if damage:
+            earlier = [s for s in steps if s < step]
+            advice = (f"move it out of the way to resume from step {earlier[-1]}, the previous checkpoint, or "
+                      f"restore that one with --checkpoint {earlier[-1]}" if earlier else
+                      "no earlier checkpoint is left: train again, or restore a backup of it")
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} is damaged: {damage} since it was saved. "
+                                  f"It was left untouched; {advice}.")
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax raises many types for damaged files
@@ -230,6 +248,48 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+CHECKSUMS_NAME = "dcp_jax_checksums.json"  # in each step directory: the size and CRC-32 of every file a save wrote
+_CHUNK = 8 << 20
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def seal(step_dir: Path) -> None:
+    """Write step_dir/CHECKSUMS_NAME: the size and CRC-32 of every file the save wrote (a flipped bit, a truncated
+    or a missing file then fails the restore instead of loading silently changed weights). CRC-32 (zlib): it
+    catches every burst of errors up to 32 bits and runs at disk speed, which a cryptographic hash would not."""
+    found = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)]
+             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS_NAME}
+    files.write_json(step_dir / CHECKSUMS_NAME, {"algorithm": "crc32", "files": found})
+
+
+def check_seal(step_dir: Path) -> str:
+    """What differs in step_dir from its checksums ("" when nothing does, or for a checkpoint saved before
+    checksums were written, which is restored unchecked)."""
+    manifest = step_dir / CHECKSUMS_NAME
+    if not manifest.is_file():
+        return ""
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its checksum file {CHECKSUMS_NAME} cannot be read"
+    for name, (size, crc) in recorded.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} changed size ({path.stat().st_size} bytes, {size} when saved)"
+        if _crc32(path) != crc:
+            return f"{name} changed (its CRC-32 differs)"
+    return ""
 
 
 def resolve_checkpoint(workdir: str | os.PathLike, checkpoint: str | int | None = None) -> tuple[Path, int]:

@@ -555,3 +555,40 @@ def test_profile_folder_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "w").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_caught_not_used(data_dir, tmp_path, capsys):
+    """Each save records the size and CRC-32 of the files it wrote; one flipped bit in a model data file makes
+    every restore (train's resume, evaluate, predict, export, serve: all restore through the Checkpointer) fail
+    with one line naming the step and the previous checkpoint, where it used to load the changed weight
+    (issue 32 item 3). The previous checkpoint still restores."""
+    from dcp_jax import predict
+
+    workdir = tmp_path / "run"
+    config = tiny_run_config(data_dir, total_steps=2, checkpoint_every_steps=1)
+    train.train_and_evaluate(config, workdir)
+    for step in (1, 2):
+        assert (workdir / "checkpoints" / str(step) / ckpt_lib.CHECKSUMS_NAME).is_file()
+    data = max((p for p in (workdir / "checkpoints" / "2" / "model").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoint .*/checkpoints/2 is damaged: model/.* changed"):
+        ckpt_lib.restore_model(workdir)
+    assert ckpt_lib.restore_model(workdir, checkpoint=1)[2] == 1
+    image = data_dir / "images" / "val" / sorted(p.name for p in (data_dir / "images" / "val").iterdir())[0]
+    capsys.readouterr()  # the training's output
+    code = predict.main(["--workdir", str(workdir), "--image", str(image), "--classes", "a,b",
+                         "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("[dcp_jax] jax ")]
+    assert code == 2 and len(lines) == 1, err
+    assert "checkpoints/2 is damaged" in lines[0] and "resume from step 1, the previous checkpoint" in lines[0]
+    assert "--checkpoint 1" in lines[0]
+    resumed = subprocess.run(_train_cmd(workdir, data_dir, "--config.total_steps=3"), capture_output=True,
+                             text=True, timeout=400, env=_env(XLA_FLAGS=xla_flags(4)))
+    assert resumed.returncode == 2 and "checkpoints/2 is damaged" in resumed.stderr, resumed.stderr[-2000:]
+    assert "Traceback" not in resumed.stderr
+    assert data.read_bytes() == bytes(raw)  # left untouched
