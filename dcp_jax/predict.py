@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dcp_jax import cli, files, runtime, visualize
+from dcp_jax import cli, files, runtime, visualize, vocabulary
 from dcp_jax.data import datasets as datasets_lib
 from dcp_jax.segmenter import Segmenter
 
@@ -31,34 +31,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def read_classes(classes: str | None, classes_file: str | None) -> list[str]:
-    """The vocabulary from --classes ("a, b, c") or --classes-file (JSON list or one class per line)."""
+    """The vocabulary from --classes ("a, b, c") or --classes-file (one class per line, or a JSON list), read by
+    the rules every vocabulary follows (dcp_jax/vocabulary.py)."""
     if bool(classes) == bool(classes_file):
         raise ValueError("give exactly one of --classes \"cat, dog\" or --classes-file FILE")
     if classes:
-        names = [c.strip() for c in classes.split(",")]
-    else:
-        path = Path(classes_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--classes-file {path} not found")
-        try:
-            text = path.read_text()
-            names = json.loads(text) if text.lstrip().startswith("[") else text.splitlines()
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"--classes-file {path} is neither a JSON list of names nor text with one name per line "
-                             f"({type(e).__name__}: {e})") from None
-        bad = [c for c in names if not isinstance(c, str)]
-        if bad:
-            raise ValueError(f"--classes-file {path}: entries that are not class names: {bad[:5]}; give strings")
-        names = [c.strip() for c in names]
-    names = [c for c in names if c]
-    if not names:
-        raise ValueError("the class list is empty: give at least one class name")
-    keys = [" ".join(c.lower().split()) for c in names]
-    repeated = sorted({names[i] for i, k in enumerate(keys) if keys.count(k) > 1})
-    if repeated:  # two slots of one class would split its pixels between them
-        raise ValueError(f"the class list names a class more than once (ignoring case and spaces): {repeated}; "
-                         "give each class once")
-    return names
+        return vocabulary.parse(classes, where="--classes")
+    return vocabulary.read_file(classes_file, where="--classes-file")
 
 
 def list_images(image: str) -> list[Path]:

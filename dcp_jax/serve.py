@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dcp_jax import cli, files, runtime, visualize
+from dcp_jax import cli, files, runtime, visualize, vocabulary
 from dcp_jax import checkpoint as ckpt_lib
 from dcp_jax.data import classnames
 from dcp_jax.data import datasets as datasets_lib
@@ -63,24 +63,16 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def parse_vocabulary(text: str) -> list[str]:
-    """Class names from the vocabulary box: one per line when it has several lines, else comma-separated
-    (as predict's --classes-file and --classes); names are stripped; a repeat is an error, as in predict."""
-    lines = [line for line in (text or "").splitlines() if line.strip()]
-    names = [n.strip() for n in (lines if len(lines) > 1 else (text or "").split(","))]
-    return check_vocabulary([n for n in names if n])
+    """Class names from the vocabulary box, by the rules every vocabulary follows (dcp_jax/vocabulary.py: a JSON
+    list, one per line when it has several lines, else comma-separated; stripped; a repeat is an error)."""
+    return check_vocabulary(vocabulary.parse(text or "", where="the vocabulary"))
 
 
 def check_vocabulary(names: list[str]) -> list[str]:
-    if not names:
-        raise ValueError("the vocabulary is empty: type class names (commas, or one per line) or pick a list")
+    names = vocabulary.check(list(names), where="the vocabulary")
     if len(names) > MAX_CLASSES:
         raise ValueError(f"the vocabulary has {len(names)} classes; this page takes at most {MAX_CLASSES} "
                          "(ade847, the largest built-in list, has 847)")
-    keys = [" ".join(n.lower().split()) for n in names]
-    repeated = sorted({names[i] for i, k in enumerate(keys) if keys.count(k) > 1})
-    if repeated:  # two slots of one class would split its pixels between them
-        raise ValueError(f"the vocabulary names a class more than once (ignoring case and spaces): "
-                         f"{', '.join(repeated[:5])}; give each class once")
     return names
 
 

@@ -328,7 +328,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"missing .*classes\.json"):
         open_dataset(f"folder:{tmp_path / 'f'}")
     (tmp_path / "f/classes.json").write_text('{"not": "a list"}')
-    with pytest.raises(DatasetError, match="JSON list of class-name strings"):
+    with pytest.raises(DatasetError, match="holds a JSON dict, not a list; give a JSON list of class names"):
         open_dataset(f"folder:{tmp_path / 'f'}")
     (tmp_path / "f/classes.json").write_text('["a", "b", "c", "d", "e"]')
     (tmp_path / "f/meta.json").write_text('{"ignore_label": "x"}')

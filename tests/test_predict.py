@@ -153,15 +153,15 @@ def test_errors_are_clear_and_exit_2(run, tmp_path, capsys, case):
     image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
     args = {"--workdir": workdir, "--image": image, "--classes": "cat, dog", "--out-dir": tmp_path / "out"}
     expected = {
-        "empty_classes": "the class list is empty",
-        "empty_classes_file": "the class list is empty",
-        "missing_classes_file": "not found",
+        "empty_classes": "--classes is empty: give at least one class name",
+        "empty_classes_file": "is empty: give at least one class name",
+        "missing_classes_file": "no such file",
         "missing_image": "no such file or directory",
         "no_images_in_dir": "contains no images",
         "no_checkpoints": "no checkpoints in workdir",
         "duplicate_classes": "names a class more than once (ignoring case and spaces): ['Snow', 'snow']",
         "non_string_classes": "entries that are not class names: [1, None, {'a': 1}]",
-        "binary_classes_file": "is neither a JSON list of names nor text with one name per line",
+        "binary_classes_file": "not UTF-8 text",
         "out_dir_is_the_image_folder": "is the folder of the input images",
         "out_dir_is_a_file": "is a file; give a directory",
         "out_dir_read_only": "cannot be written",

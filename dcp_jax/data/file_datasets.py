@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcp_jax import vocabulary
 from dcp_jax.data import classnames
 from dcp_jax.data.sources import DatasetError, SegSource, register_kind, vocabulary_for_split
 
@@ -154,14 +155,15 @@ def open_benchmark(spec: str, split: str = "val", data_root: str | None = None, 
 
 
 def read_class_list(path: Path) -> list[str]:
-    """A classes.json: a non-empty JSON list of names (index = label value)."""
+    """A classes.json: a non-empty JSON list of distinct names, position = label value (dcp_jax/vocabulary.py)."""
     try:
-        names = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as e:  # a UnicodeDecodeError too: a binary file
+        return vocabulary.read_label_list(path)
+    except UnicodeDecodeError as e:  # a binary file
         raise DatasetError(f"cannot read class names {path}: {e}; write a JSON list of class names there") from e
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise DatasetError(f"{path}: expected a non-empty JSON list of class-name strings (index = label value)")
-    return names
+    except OSError as e:
+        raise DatasetError(f"cannot read class names {path}: {e}; write a JSON list of class names there") from e
+    except ValueError as e:  # vocabulary's messages name the file
+        raise DatasetError(str(e)) from e
 
 
 def _list_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
