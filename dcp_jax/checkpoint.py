@@ -81,7 +81,43 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise FileNotFoundError(
             f"{path} not found: {workdir} is not a dcp_jax workdir (the trainer writes config.json "
             "there). Pass --config to give the config explicitly.")
-    return ml_collections.ConfigDict(_lists_to_tuples(json.loads(path.read_text())))
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from a backup, or pass --config") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a config; restore it, or pass --config")
+    check_saved_types(saved, path)
+    return ml_collections.ConfigDict(_lists_to_tuples(saved))
+
+
+# Keys whose type changed, and the type configs saved before still hold (their readers take both).
+LEGACY_TYPES = {"clip.scan_layers": (bool,), "clip.text_finetune": (bool,), "model.remat": (bool,)}
+
+
+def check_saved_types(saved: dict, path: Path) -> None:
+    """A ValueError naming the first key of a saved config whose value has another type than the recipe's
+    (configs/dcp_vitb16_coco_stuff.py, which every config extends): a hand-edited "total_steps": "10" would
+    otherwise fail deep inside a command. Integers pass for floats; keys the recipe lacks are not checked."""
+    from dcp_jax.configs import dcp_vitb16_coco_stuff
+
+    def walk(value, reference, key):
+        if isinstance(reference, ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {key} is {value!r}, expected a group of keys; restore it, or pass --config")
+            for name, ref in reference.items():
+                if name in value:
+                    walk(value[name], ref, f"{key}.{name}" if key else name)
+            return
+        if reference is None or value is None:
+            return
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (list, tuple),
+                 list: (list, tuple)}.get(type(reference), (object,)) + LEGACY_TYPES.get(key, ())
+        if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(reference, bool)):
+            raise ValueError(f"{path}: {key} is {value!r} ({type(value).__name__}), expected type "
+                             f"{type(reference).__name__} as in the recipe; fix it, or pass --config")
+
+    walk(saved, dcp_vitb16_coco_stuff.get_config(), "")
 
 
 def _lists_to_tuples(obj):

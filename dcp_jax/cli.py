@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import ml_collections
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -88,6 +89,22 @@ def _last_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _config_error(error: BaseException, given: str | None) -> str:
+    """One line for an exception raised while the config file loaded or an override applied (a typo in
+    --config.KEY, a config file that raises, lacks get_config, or fails to import)."""
+    raw = _last_line(error)
+    if "has no attribute 'get_config'" in raw:
+        return f"--config {given}: the file has no get_config() function"
+    text = raw.replace("\\n", " ").replace("\\'", "")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # ml_collections quotes its KeyError text
+        text = text[1:-1]
+    text = " ".join(text.split())
+    if isinstance(error, TypeError) and text.startswith("--config"):
+        return text
+    where = f"--config {given}" if given else "the config"
+    return f"bad {where} or --config.KEY override ({type(error).__name__}): {text}"
+
+
 class Command:
     """One invocation's flags: `cmd = Command(prog, doc, argv, config=...)`, define flags on `cmd.flags`,
     then `cmd.parse()`. `positional=("SPEC",)` takes positional arguments before or among the flags
@@ -104,6 +121,10 @@ class Command:
         self.has_config = config is not None
         if self.has_config:
             _check_config_file(prog, _given_config(self.argv[1:]))
+            # ml_collections loads every config file as the module "config_config" with importlib's load_module,
+            # which re-executes into a module of that name already loaded: a file without get_config would then
+            # run the previous file's get_config (a second command in one process: tests, notebooks).
+            sys.modules.pop("config_config", None)
             try:  # the config file is loaded and the --config.KEY overrides checked right here
                 config_flags.DEFINE_config_file("config", config, config_help, flag_values=self.flags,
                                                 lock_config=True, sys_argv=self.argv)
@@ -127,9 +148,16 @@ class Command:
         try:
             rest = self.flags(self.argv)
             if self.has_config:
-                self.flags.config.keys()  # a config file that failed to load raises on first use
+                loaded = self.flags.config  # a config file that failed to load raises on first use
+                if not isinstance(loaded, ml_collections.ConfigDict):
+                    raise TypeError(f"--config {_given_config(self.argv[1:])}: get_config() returned "
+                                    f"{type(loaded).__name__}, not an ml_collections.ConfigDict")
+                loaded.keys()
         except (flags.Error, ValueError, OSError) as e:  # config files fail to load with these
             print(f"{self.prog}: error: {_last_line(e)}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+        except Exception as e:  # noqa: BLE001 - whatever a user's config file or override raised: one line
+            print(f"{self.prog}: error: {_config_error(e, _given_config(self.argv[1:]))}", file=sys.stderr)
             raise SystemExit(EXIT_USAGE) from None
         if len(rest) > 1:
             print(f"{self.prog}: error: unexpected arguments {rest[1:]}", file=sys.stderr)

@@ -17,7 +17,9 @@ labels. The workdir's config applies, with any --config.KEY=VALUE overrides (e.g
 
 from __future__ import annotations
 
+import collections
 import json
+import stat
 import sys
 from pathlib import Path
 
@@ -41,20 +43,36 @@ def read_classes(classes: str | None, classes_file: str | None) -> list[str]:
 
 
 def list_images(image: str) -> list[Path]:
+    """--image: a file, or a folder's files with an image suffix. Anything that is not a regular file is refused
+    before any work, naming it: a FIFO named x.png would block the read forever, a symlink loop would fail
+    deep inside."""
     path = Path(image)
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise FileNotFoundError(f"{path} contains no images ({', '.join(IMAGE_SUFFIXES)})")
-        stems = [p.stem for p in found]
-        clashes = sorted({s for s in stems if stems.count(s) > 1})
+        for p in found:
+            _check_regular_file(p)
+        counts = collections.Counter(p.stem for p in found)
+        clashes = sorted(stem for stem, n in counts.items() if n > 1)
         if clashes:  # outputs are named by stem: a.jpg and a.png would overwrite each other
-            raise ValueError(f"{path} holds several images with the same name stem {clashes}; "
+            raise ValueError(f"{path} holds several images with the same name stem {clashes[:10]}; "
                              "rename them or predict them separately")
         return found
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise FileNotFoundError(f"--image {path}: no such file or directory")
+    _check_regular_file(path)
     return [path]
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except OSError as e:  # a symlink loop, a dangling link
+        raise ValueError(f"--image: {path} cannot be read ({e.strerror or e}); remove or fix it") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise ValueError(f"--image: {path} is {kind}; predict reads image files only: move it out of the folder")
 
 
 def check_out_dir(out_dir: Path, paths: list[Path]) -> None:

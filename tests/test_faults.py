@@ -168,3 +168,62 @@ def test_sigkill_during_checkpoint_saves_and_exports_loses_nothing(tmp_path):
     assert export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "export", "run"]  # no temporary left
     assert _files(out).keys() == before.keys()
+
+
+# -- issue 32 item 6: tracebacks for user errors ------------------------------------------------------------------
+
+def _code(main, argv) -> int:
+    """A command's exit status, whether it returned it or exited with it (flag errors exit while parsing)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+@pytest.mark.parametrize("source, needle", [
+    ('raise RuntimeError("boom")\n', "(RuntimeError): boom"),
+    ("x = 1\n", "the file has no get_config() function"),
+    ("def get_config():\n    return 5\n", "get_config() returned int, not an ml_collections.ConfigDict"),
+    ("import no_such_module_here\n", "(ModuleNotFoundError): No module named 'no_such_module_here'"),
+])
+def test_a_config_file_that_fails_is_one_line(tmp_path, capsys, source, needle):
+    config = tmp_path / "mine.py"
+    config.write_text(source)
+    _one_line_error(capsys, _code(train.main, ["--config", str(config), "--workdir", str(tmp_path / "w")]), needle)
+
+
+def test_a_config_typo_with_config_given_is_one_line(tmp_path, capsys):
+    """The way the docs always show it (--config given), not only without it."""
+    _one_line_error(capsys, _code(train.main, ["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+                                               "--config.train.batchsize=2"]), "batchsize", 'Did you mean "batch_size"')
+
+
+def test_a_wrongly_typed_saved_config_is_named(tmp_path, capsys):
+    import json
+
+    from dcp_jax import checkpoint
+    from dcp_jax.configs import tiny
+
+    checkpoint.save_config(tmp_path, tiny.get_config())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["train"]["batch_size"] = "4"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _one_line_error(capsys, evaluate.main(["--workdir", str(tmp_path)]),
+                    "config.json: train.batch_size is '4' (str), expected type int")
+    (tmp_path / "config.json").write_text("{not json")
+    _one_line_error(capsys, evaluate.main(["--workdir", str(tmp_path)]), "config.json is not valid JSON")
+
+
+def test_images_that_are_not_files_are_refused_before_any_work(tmp_path, capsys):
+    """A symlink loop named loop.png (a traceback before) and a FIFO named x.png (predict blocked forever on
+    it) in an image folder: one line naming the entry (issue 32 items 6 and 7)."""
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    args = ["--image", str(folder), "--classes", "a, b", "--out-dir", str(tmp_path / "out"), "--zero-shot", "x"]
+    _one_line_error(capsys, predict.main(args), "loop.png cannot be read", "remove or fix it")
+    (folder / "loop.png").unlink()
+    os.mkfifo(folder / "x.png")
+    _one_line_error(capsys, predict.main(args), "x.png is not a regular file")
+    assert not (tmp_path / "out").exists()
