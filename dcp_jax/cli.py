@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from dcp_jax import config as config_lib
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 # Bad input for commands that never load a model (the data commands): no JAX import needed to name them.
 INPUT_ERRORS = (ValueError, OSError)
 
@@ -190,6 +191,9 @@ class Command:
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"{self.prog}: error: {message}", file=sys.stderr)
             return EXIT_USAGE
+        except KeyboardInterrupt:  # Ctrl-C (train: the second one; the first stops with a checkpoint)
+            print(f"\n{self.prog}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 def default_config() -> str:

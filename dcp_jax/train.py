@@ -152,13 +152,27 @@ class StopSignal:
         # hosts all-gather their own flags every step instead (a small collective that waits for the step).
         self.use_jax_sync = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
         self._flag = False
-        self._previous = None
+        self.reason = "SIGTERM"
+        self._previous = {}
+        if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+            return
         # jax's sync manager listens with its own (C++) SIGTERM handler: no Python handler over it.
-        if not self.use_jax_sync and os.name == "posix" and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if not self.use_jax_sync:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Ctrl-C stops the same way (a checkpoint, then the same command resumes); a second Ctrl-C aborts.
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigterm(self, *_) -> None:
         self._flag = True
+
+    def _on_sigint(self, *_) -> None:
+        if self._flag:
+            raise KeyboardInterrupt
+        self._flag, self.reason = True, "Ctrl-C"
+        print("\n[dcp_jax.train] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to abort "
+              "without one)", file=sys.stderr, flush=True)
+        if self.use_jax_sync:  # through jax's handler, so that every process stops after the same step
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def check(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -169,9 +183,9 @@ class StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.int32(self._flag))))
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +424,7 @@ def _train(config, workdir: Path, devices, stop_after_steps, profile=None,
                 if saving:
                     save(step)
                 if stopping:
-                    _say(f"stopping at step {step} ({'SIGTERM' if signalled else 'stop_after_steps'}); "
+                    _say(f"stopping at step {step} ({stop_signal.reason if signalled else 'stop_after_steps'}); "
                          "checkpoint saved, run the same command to resume")
                     summary["stopped_early"] = True
                     break

@@ -204,7 +204,10 @@ def test_config_typo_is_rejected(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+@pytest.mark.parametrize("signum, named", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path, signum, named):
+    """A preemption notice, or Ctrl-C (a traceback without a checkpoint before; issue 32 item 6): the run stops
+    after the step with one checkpoint and exit status 0, and says how to resume."""
     proc = subprocess.Popen(_train_cmd(tmp_path, data_dir, "--config.total_steps=100000"),
                             env=_env(XLA_FLAGS=xla_flags(4)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -213,10 +216,10 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM" in err
+    assert f"({named}); checkpoint saved, run the same command to resume" in err and "Traceback" not in err
     steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()
     assert len(steps) == 1 and steps[0] >= 1
 
