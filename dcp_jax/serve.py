@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import ipaddress
 import multiprocessing
 import re
 import socket
@@ -83,7 +84,7 @@ def decode_image(data: bytes, name: str) -> tuple[np.ndarray, str]:
         raise ValueError(f"{name} is {len(data) / 2**20:.0f} MiB; the page takes images up to "
                          f"{MAX_UPLOAD_BYTES // 2**20} MiB")
     try:
-        image = datasets_lib.read_image(data, what=repr(name))
+        image = datasets_lib.read_image(data, what=repr(name), max_pixels=MAX_PIXELS)
     except datasets_lib.DatasetError as e:  # PIL names the bytes object it read from; the user knows the file
         raise ValueError(re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", repr(name), str(e))) from None
     h, w = image.shape[:2]
@@ -555,6 +556,10 @@ def main(argv=None) -> int:
         add_page(engine)
         app.on_shutdown(engine.close)
         log(f"serving {workdir} (step {engine.base.step}) at http://{args.host}:{args.port}")
+        if not ipaddress.ip_address(socket.gethostbyname(args.host)).is_loopback:
+            log(f"warning: --host {args.host} opens the page to the network: anyone who can reach this machine on "
+                f"port {args.port} can use it (no login, no encryption); serve on 127.0.0.1 and use an SSH tunnel, "
+                "or put an authenticating proxy in front")
         ui.run(host=args.host, port=args.port, title="dcp_jax serve", reload=False, show=False,
                show_welcome_message=False, uvicorn_logging_level="warning")
         return 0

@@ -227,3 +227,22 @@ def test_images_that_are_not_files_are_refused_before_any_work(tmp_path, capsys)
     os.mkfifo(folder / "x.png")
     _one_line_error(capsys, predict.main(args), "x.png is not a regular file")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_image_is_refused_from_its_header(tmp_path):
+    """A small PNG of 12000 x 12000 pixels (predict peaked at 13.4 GB on it): refused before decoding, naming the
+    size and the cap (issue 32 item 7)."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from dcp_jax.data import datasets
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (12000, 12000)).save(path, optimize=True)
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    with pytest.raises(datasets.DatasetError, match=r"12000 x 12000 = 144 megapixels, more than the 50 .*downscale"):
+        datasets.read_image(path)
+    assert tracemalloc.get_traced_memory()[1] < 50_000_000  # nothing decoded
+    tracemalloc.stop()
