@@ -222,16 +222,36 @@ class Checkpointer:
                     opt=ocp.args.StandardSave(nnx.state(optimizer)),
                     meta=ocp.args.JsonSave(meta))
         self.wait()  # the previous save finished and sealed: orbax waits for it before starting this one anyway
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
         self._unsealed.append(step)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types
+            self._save_failed(e)
 
     def wait(self) -> None:
         """Wait for the saves in flight, then write their checksums (`seal`)."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - an asynchronous write failed
+            self._save_failed(e)
         for step in self._unsealed:
             if distributed.is_primary() and (self.directory / str(step)).is_dir():  # not removed by keep
                 seal(self.directory / str(step))
         self._unsealed.clear()
+
+    def _save_failed(self, error: Exception) -> None:
+        """A CheckpointError for a failed save: which step, why in one line, and which checkpoint is intact (an
+        unfinished save stays in a temporary folder that orbax never reads as a checkpoint)."""
+        steps, self._unsealed = self._unsealed, []
+        done = [s for s in self.all_steps() if s not in steps]
+        intact = f"the checkpoint of step {done[-1]} is intact" if done else "no earlier checkpoint exists"
+        if files.disk_full(error):
+            why = "the disk is full, or a file-size limit was reached: free space or raise the limit, then"
+        else:
+            detail = " ".join(str(error).split())
+            why = f"{type(error).__name__}: {detail if len(detail) <= 240 else detail[:240] + ' ...'};"
+        raise CheckpointError(f"saving the checkpoint of step {steps[-1] if steps else '?'} into {self.directory} "
+                              f"failed ({why} run the same command to resume); {intact}") from error
 
     def restore_train(self, step: int, *, model: nnx.Module, optimizer: nnx.Optimizer, mesh,
                       mesh_config) -> dict:

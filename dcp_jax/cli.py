@@ -11,6 +11,7 @@ as one line, `error: ...`, and the command exits with status 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dcp_jax import config as config_lib
+from dcp_jax import files
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
@@ -185,15 +187,34 @@ class Command:
         line and exit status 2."""
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs every file it writes, and notes at WARNING
+        # Orbax writes through asyncio tasks: when a write fails, every other task's failure is logged again, with
+        # its traceback, as "exception was never retrieved" (135 tracebacks for one full disk); the error that
+        # stops the command is reported once, below.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         try:
             return int(body() or 0)
         except (errors or user_errors()) as e:
+            if files.disk_full(e) and "disk is full" not in str(e):  # a library's error for it (TensorStore's)
+                print(f"{self.prog}: error: {disk_full_message(e)}", file=sys.stderr)
+                return EXIT_USAGE
             message = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"{self.prog}: error: {message}", file=sys.stderr)
             return EXIT_USAGE
         except KeyboardInterrupt:  # Ctrl-C (train: the second one; the first stops with a checkpoint)
             print(f"\n{self.prog}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix, whichever library wrote
+            if not files.disk_full(e):
+                raise
+            print(f"{self.prog}: error: {disk_full_message(e)}", file=sys.stderr)
+            return EXIT_USAGE
+
+
+def disk_full_message(error: BaseException) -> str:
+    detail = " ".join(str(error).split())
+    detail = detail if len(detail) <= 240 else detail[:240] + " ..."
+    return (f"the disk is full, or a file-size limit was reached, while writing ({detail}); free space or raise the "
+            "limit, then run the same command again: files are written atomically, what was written before is intact")
 
 
 def default_config() -> str:

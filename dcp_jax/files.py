@@ -12,6 +12,7 @@ data-preparation worker processes use this module too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -154,3 +155,22 @@ def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "os_error_code='27'",
+                   "os_error_code='28'", "os error 27", "os error 28")
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says the disk is full or a file-size limit was reached. Libraries
+    wrap the OSError (safetensors, TensorStore under Orbax), so their messages are read too."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+

@@ -246,3 +246,39 @@ def test_a_huge_image_is_refused_from_its_header(tmp_path):
         datasets.read_image(path)
     assert tracemalloc.get_traced_memory()[1] < 50_000_000  # nothing decoded
     tracemalloc.stop()
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_resumable(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, as a full disk fails a write) while step 2's checkpoint is written: the
+    run ends with one line naming the step and the intact checkpoint of step 1 (it was a raw TensorStore error),
+    the unfinished save is not taken for a checkpoint, and the same command resumes once the limit is gone."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from dcp_jax import checkpoint
+    from dcp_jax.data.toy_world import write_benchmark
+
+    write_benchmark(tmp_path / "data", 8, 0, size=64)
+    workdir = tmp_path / "w"
+    cmd = [sys.executable, "-m", "dcp_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+           f"--config.train.dataset=folder:{tmp_path / 'data'}", "--config.eval.datasets=",
+           "--config.checkpoint_every_steps=1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.run([*cmd, "--config.total_steps=1"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300 << 10, 300 << 10))
+
+    full = subprocess.run([*cmd, "--config.total_steps=3"], env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limited)
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"python -m dcp_jax.train: error: saving the checkpoint of step 2 into {workdir / 'checkpoints'} failed "
+        "(the disk is full, or a file-size limit was reached: free space or raise the limit, then run the same "
+        "command to resume); the checkpoint of step 1 is intact")
+    assert checkpoint.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [1]
+    again = subprocess.run([*cmd, "--config.total_steps=3"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-2000:]
