@@ -370,8 +370,13 @@ def test_refuses_a_non_empty_out_unless_overwrite(workdir, exported, tmp_path, c
     (out / "keep.txt").write_text("mine")
     assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only an earlier export (test_overwrite_replaces_only_an_earlier_export)
+    assert export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite"]) == 2
+    assert "not a dcp_jax export" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
 
-    # --overwrite replaces it; --checkpoint 1 selects step 1: same head, the unperturbed CLIP.
+    # --overwrite replaces an earlier export; --checkpoint 1 selects step 1: same head, the unperturbed CLIP.
+    shutil.rmtree(out)
+    shutil.copytree(exported, out)
     assert export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite", "--checkpoint", "1"]) == 0
     assert set(os.listdir(out)) == EXPORT_FILES
     assert (out / "dcp_head.safetensors").read_bytes() == (exported / "dcp_head.safetensors").read_bytes()
@@ -386,10 +391,11 @@ def test_refuses_a_non_empty_out_unless_overwrite(workdir, exported, tmp_path, c
         exported / "clip" / "model.safetensors").read_bytes()
 
 
-def test_failed_export_leaves_out_untouched(workdir, tmp_path, monkeypatch):
+def test_failed_export_leaves_out_untouched(workdir, exported, tmp_path, monkeypatch):
+    """An export over an earlier one that fails halfway leaves the earlier one as it was."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    shutil.copytree(exported, out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
     def boom(model):
         raise RuntimeError("disk full")
@@ -397,7 +403,7 @@ def test_failed_export_leaves_out_untouched(workdir, tmp_path, monkeypatch):
     monkeypatch.setattr(export_format, "head_tensors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_workdir(workdir, out, overwrite=True)
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the temporary dir is gone
 
 
