@@ -191,6 +191,7 @@ class Command:
         # its traceback, as "exception was never retrieved" (135 tracebacks for one full disk); the error that
         # stops the command is reported once, below.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        quiet_disk_full_echoes()
         try:
             return int(body() or 0)
         except (errors or user_errors()) as e:
@@ -208,6 +209,35 @@ class Command:
                 raise
             print(f"{self.prog}: error: {disk_full_message(e)}", file=sys.stderr)
             return EXIT_USAGE
+
+
+class _DiskFullEchoes(logging.Filter):
+    """Drops a log record that repeats a full-disk error: Orbax's writer threads each log the failed write with
+    its traceback (~450 lines for one full disk); the command reports it once, on its last line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ((error is not None and files.disk_full(error)) or files.disk_full(Exception(record.getMessage())))
+
+
+def quiet_disk_full_echoes() -> None:
+    """Keep a full disk to the command's one line: the filter above on absl's logger (Orbax logs through it), and
+    no "Event loop is closed" reports from TensorStore's callbacks into the event loops that Orbax closed when a
+    write failed (~150 tracebacks through sys.unraisablehook)."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DiskFullEchoes) for f in logger.filters):
+        logger.addFilter(_DiskFullEchoes())
+    previous = sys.unraisablehook
+    if getattr(previous, "dcp_jax", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.dcp_jax = True
+    sys.unraisablehook = hook
 
 
 def disk_full_message(error: BaseException) -> str:

@@ -301,3 +301,25 @@ def test_predict_never_replaces_a_file_it_did_not_write(run, tmp_path, capsys):
     (out / f"{VAL_STEMS[0]}.json").unlink()  # its overlay and labels remain, now without predict's marker
     code, _, err = run_predict(capsys, *args)
     assert code == 2 and f"{VAL_STEMS[0]}_labels.png exists and was not written by dcp_jax.predict" in err
+
+
+def test_a_full_disk_during_predict_is_one_line_and_leaves_no_partial_file(run, tmp_path, capsys):
+    """A file-size limit (RLIMIT_FSIZE, as a full disk fails a write; Python ignores SIGXFSZ) while predict writes
+    its outputs: exit 2 with one line that says what to do, no traceback, and no partial or temporary file left in
+    --out-dir (each output is written to a temporary name and renamed)."""
+    import resource
+
+    workdir, data_dir = run
+    image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
+    out = tmp_path / "out"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, hard))  # smaller than any of the three outputs
+    try:
+        code, _, err = run_predict(capsys, "--workdir", workdir, "--image", image, "--classes",
+                                   ",".join(dataset_classes(data_dir)), "--out-dir", out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("python -m dcp_jax.predict: error: the disk is full, or a "
+                                                   "file-size limit was reached"), err
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written, under any name
