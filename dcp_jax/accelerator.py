@@ -132,8 +132,8 @@ def run_train(config, case: Case, runs: int, models: dict, profile: Path | None 
     tokens = measure.random_text_tokens(config, model.clip.config.text.vocab_size, TRAIN_CLASSES)
     state = jax.tree.leaves(state)  # the train step's flat state
     start = time.perf_counter()
-    compiled = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES).lower(state, batch, text,
-                                                                                      *tokens).compile()
+    train_step = train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES)
+    compiled = train_step.compile(state, batch, text, *tokens)
     compile_s = time.perf_counter() - start
     with compute.for_cost_analysis():
         gflops, gbytes = lowered_cost(train.make_train_step(config, graphdef, shardings, TRAIN_CLASSES)
@@ -142,7 +142,7 @@ def run_train(config, case: Case, runs: int, models: dict, profile: Path | None 
     holder = {"state": jax.device_put(jax.tree.map(jnp.copy, state), jax.tree.leaves(shardings))}
 
     def step():
-        holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)
+        holder["state"], metrics = train_step(holder["state"], batch, text, *tokens)
         return metrics["loss"]
 
     step_s, host_s = measure.median_step_and_host_seconds(step, runs)

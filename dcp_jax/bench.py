@@ -96,7 +96,7 @@ def train_row(config, model, num_classes: int, slots: int, runs: int, profile: P
     text = jnp.asarray(random_text(num_classes, dcp.num_templates(config), model.clip_dim))
     tokens = random_text_tokens(config, model.clip.config.text.vocab_size, num_classes)
     state = jax.tree.leaves(state)  # the train step's flat state
-    compiled = step.lower(state, batch, text, *tokens).compile()
+    compiled = step.compile(state, batch, text, *tokens)
     gflops, memory = compiled_stats(compiled)
     if has_loops(model):
         with compute.for_cost_analysis():  # the FLOPs of the same step without loops (Bench.gflops)
@@ -109,7 +109,7 @@ def train_row(config, model, num_classes: int, slots: int, runs: int, profile: P
     holder = {"state": state}
 
     def once():
-        holder["state"], metrics = compiled(holder["state"], batch, text, *tokens)
+        holder["state"], metrics = step(holder["state"], batch, text, *tokens)
         return metrics
 
     result.update(train_step_s=median_seconds(once, runs), train_device_peak_gib=device_peak_gib())

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from dcp_jax import cli, distributed, files, measure, runtime
 from dcp_jax import config as config_lib
 from dcp_jax import loss as loss_lib
 from dcp_jax import optim
+from dcp_jax import rules as rules_lib
 from dcp_jax import text as text_lib
 from dcp_jax.data import datasets as datasets_lib
 from dcp_jax.data import pipeline
@@ -192,8 +194,8 @@ class StopSignal:
 # The training step
 # ---------------------------------------------------------------------------------------------
 
-def make_train_step(config, graphdef, state_shardings, num_classes: int):
-    """jit(state_leaves, batch, text_embeds, guidance_tokens[, cost_tokens]) -> (state_leaves, metrics).
+def make_train_step(config, graphdef, state_shardings, num_classes: int) -> "TrainStep":
+    """(state_leaves, batch, text_embeds, guidance_tokens[, cost_tokens]) -> (state_leaves, metrics), jitted.
 
     The state (model and optimizer, `nnx.split`) travels as the flat list of its arrays, `jax.tree.leaves(state)`,
     each kept in its sharding; `jax.tree.unflatten(jax.tree.structure(state), leaves)` gives the state back. jit
@@ -204,10 +206,14 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int):
     trainable = optim.trainable(config)
     rows = int(config.text.finetune_rows)
     state_def = jax.tree.structure(state_shardings)
+    cast = cast_once_indices(config, graphdef, state_shardings)
 
     @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(jax.tree.leaves(state_shardings), None))
-    def train_step(state_leaves, batch, text_embeds, guidance_tokens, cost_tokens=None):
-        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+    def train_step(state_leaves, cast_leaves, batch, text_embeds, guidance_tokens, cost_tokens=None):
+        leaves = list(state_leaves)
+        for i, value in zip(cast, cast_leaves):
+            leaves[i] = value  # the frozen weight, already in the compute dtype
+        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(state_def, leaves))
 
         def loss_fn(model):
             gt = loss_lib.gt_presence(batch["label"], num_classes) if config.model.dcs.include_gt else None
@@ -228,9 +234,76 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & optim.all_finite(nnx.state(model, trainable))
         metrics.update(loss=loss, grad_norm=grad_norm, finite=finite,
                        bad_samples=jnp.sum(batch["bad"]) if "bad" in batch else jnp.zeros((), jnp.int32))
-        return jax.tree.leaves(nnx.state((model, optimizer))), metrics
+        out = jax.tree.leaves(nnx.state((model, optimizer)))
+        for i in cast:
+            out[i] = state_leaves[i]  # the float32 original, unchanged (frozen)
+        return out, metrics
 
-    return train_step
+    return TrainStep(train_step, cast, dcp.compute_dtype(config))
+
+
+# Modules that read each of their parameters through promote_dtype(..., dtype=self.dtype): cast beforehand, the
+# same values reach the same arithmetic (CLIP's logit scale and class embedding are read otherwise: not cast).
+CAST_MODULES = (nnx.Linear, nnx.Conv, nnx.Embed, nnx.LayerNorm, nnx.GroupNorm)
+TEXT_TOWER = re.compile(r"^(clip/text_model/|clip/text_projection/|frozen_text_qv/)")
+
+
+def cast_once_indices(config, graphdef, state_shardings) -> tuple[int, ...]:
+    """Positions in the flat train state of the frozen weights that the model only ever reads cast to its
+    compute dtype (the parameters of CAST_MODULES): with bfloat16 compute, the train step
+    takes them already cast, once, instead of converting every frozen CLIP weight at every step (a GPU kernel
+    each). The text tower is left out where the step never runs it (its copies would only take memory)."""
+    if jnp.dtype(dcp.compute_dtype(config)) == jnp.float32:
+        return ()
+    rules = optim.parameter_rules(config)
+    model = nnx.merge(graphdef, state_shardings)[0]  # the modules' types and dtypes; values are shardings
+    castable = {rules_lib.path_str(path) + "/" + name
+                for path, node in nnx.iter_graph(model)
+                if isinstance(node, CAST_MODULES) and jnp.dtype(node.dtype or jnp.float32).itemsize < 4
+                for name in ("kernel", "bias", "embedding", "scale") if isinstance(getattr(node, name, None), nnx.Param)}
+    text_used = dcp.reencodes_text(config)
+    flat, _ = jax.tree_util.tree_flatten_with_path(state_shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    cast = []
+    for i, (path, _) in enumerate(flat):
+        name = rules_lib.path_str(path[1:])
+        if (rules_lib.path_str(path[:1]) == "0" and name in castable and optim.group_of(rules, name) is None
+                and (text_used or not TEXT_TOWER.match(name))):
+            cast.append(i)
+    return tuple(cast)
+
+
+class TrainStep:
+    """The jitted train step with its frozen weights in the compute dtype: calls take and return the state's flat
+    leaves as make_train_step says; the cast copies are made on the first call and again whenever the frozen
+    arrays passed are not the ones the previous call returned (a restored or another state)."""
+
+    def __init__(self, jitted, cast: tuple[int, ...], dtype):
+        self.jitted, self.cast, self.dtype = jitted, cast, dtype
+        self._copies, self._returned, self._compiled = (), None, None
+        self._cast_fn = jax.jit(lambda leaves: tuple(a.astype(dtype) for a in leaves))
+
+    def _cast_leaves(self, state_leaves) -> tuple:
+        frozen = [state_leaves[i] for i in self.cast]
+        if self._returned is None or any(a is not b for a, b in zip(frozen, self._returned)):
+            self._copies = self._cast_fn(tuple(frozen)) if frozen else ()
+        return self._copies
+
+    def lower(self, state_leaves, *args):
+        """jax's Lowered step for these (concrete or abstract) leaves and arguments."""
+        copies = tuple(jax.ShapeDtypeStruct(state_leaves[i].shape, self.dtype, sharding=state_leaves[i].sharding)
+                       for i in self.cast)
+        return self.jitted.lower(state_leaves, copies, *args)
+
+    def compile(self, state_leaves, *args):
+        """Compile ahead of time (later calls run this executable): the compiled step, for its analyses."""
+        self._compiled = self.lower(state_leaves, *args).compile()
+        return self._compiled
+
+    def __call__(self, state_leaves, *args):
+        copies = self._cast_leaves(state_leaves)
+        state_leaves, metrics = (self._compiled or self.jitted)(state_leaves, copies, *args)
+        self._returned = [state_leaves[i] for i in self.cast]
+        return state_leaves, metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ gives today's numbers (forward and gradients), and each does what it is for.
 """
 
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import pytest
 from flax import nnx
 
 from dcp_jax import distributed, optim, train
+from dcp_jax import rules as rules_lib
 from dcp_jax import loss as loss_lib
 from dcp_jax.configs import tiny
 from dcp_jax.models import build, compute, dcp
@@ -217,6 +219,47 @@ def test_bfloat16_training_tracks_float32():
     # of the pixels as the f32-trained one (99.5 % before the cross-attention ran at CLIP's width, a model
     # whose first 20 losses still agree within 2 %, above); the bar is 97 %.
     assert (_labels_of(model16_trained, *inputs) == labels32).mean() >= 0.97
+
+
+def test_frozen_weights_cast_once_give_the_step_that_converts_them_inside(monkeypatch):
+    """With bfloat16 compute the train step takes the frozen CLIP weights cast once (train.cast_once_indices):
+    three steps give bit for bit the losses, gradient norms and parameters of the step that converts them inside,
+    and the frozen float32 originals come back unchanged. The cast set is the image tower's frozen weights: no
+    trained q/v weight, no unused text tower, nothing of the head or the optimizer."""
+    config = small_config(**{"clip.dtype": "bfloat16", "optim.lr": 1e-3, "train.batch_size": 2})
+    batch = {"image": jnp.asarray(images(2, seed=4), jnp.uint8), "label": jnp.asarray(_labels())}
+    text = jnp.asarray(unit_text(NUM_CLASSES, dcp.num_templates(config), 16, seed=3))
+
+    def run():
+        model = make_model(config)
+        graphdef, state = nnx.split((model, optim.make_optimizer(config, model)))
+        shardings = distributed.tree_shardings(state, distributed.make_mesh(devices=jax.devices()[:1]), config.mesh)
+        step = train.make_train_step(config, graphdef, shardings, NUM_CLASSES)
+        rng = np.random.default_rng(0)  # weights that bfloat16 cannot hold exactly (init's norms are 1 and 0)
+        paths = [rules_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+        leaves = [a + jnp.asarray(rng.normal(0, 0.01, a.shape), a.dtype) if path.startswith("0/") else a
+                  for path, a in zip(paths, jax.tree.leaves(jax.device_put(state, shardings)))]
+        first = [np.asarray(leaves[i]) for i in step.cast]
+        metrics = []
+        for _ in range(3):
+            leaves, m = step(leaves, batch, text, None)
+            metrics.append((float(m["loss"]), float(m["grad_norm"])))
+        for i, before in zip(step.cast, first):
+            np.testing.assert_array_equal(np.asarray(leaves[i]), before)
+            assert leaves[i].dtype == jnp.float32
+        return metrics, [np.asarray(a) for a in leaves], [paths[i] for i in step.cast]
+
+    cast_metrics, cast_leaves, cast_paths = run()
+    monkeypatch.setattr(train, "cast_once_indices", lambda *_: ())  # every weight converted inside the step
+    metrics, leaves, none = run()
+    assert none == []
+    assert cast_metrics == metrics
+    for a, b in zip(cast_leaves, leaves):
+        np.testing.assert_array_equal(a, b)
+    for frozen in ("self_attn/k_proj/kernel", "layer_norm1/scale", "mlp/fc2/bias", "patch_embedding/kernel"):
+        assert any(p.endswith(frozen) for p in cast_paths), frozen
+    assert all(re.match(r"0/clip/(vision_model|visual_projection)/", p) for p in cast_paths), cast_paths
+    assert not [p for p in cast_paths if re.search(r"(q|v)_proj/kernel$|logit_scale|class_embedding", p)]
 
 
 def test_accelerator_init_on_the_host_gives_the_values_of_init_on_the_mesh():

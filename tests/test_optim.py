@@ -25,6 +25,11 @@ def test_flat_adamw_and_clipping_equal_optax_per_array():
     rng = np.random.default_rng(0)
     p_flat, s_flat = params, flat.init(params)
     p_ref, s_ref = params, reference.init(params)
+    # the state has the tree of the per-array clipping before per-group flat AdamW, so that earlier checkpoints load
+    labels = optim.group_labels(optim.parameter_rules(config), params)
+    earlier = optax.chain(optax.clip_by_global_norm(1.0), optax.partition(
+        {g: optim.flattened(optax.adamw(lambda step: 1e-3)) for g in set(jax.tree.leaves(labels))}, labels))
+    assert jax.tree.structure(s_flat) == jax.tree.structure(earlier.init(params))
     vectors = [x for x in jax.tree.leaves(s_flat) if x.ndim == 1]  # each group's moments: FSDP can split them
     assert len(vectors) == 6 and all(x.shape[0] % optim.FLAT_MULTIPLE == 0 for x in vectors)
     for scale in (10.0, 1e-6, 3.0):  # the recipe clips at 0.01: clipped, not clipped, clipped
