@@ -201,19 +201,28 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int) -> "Tra
     each kept in its sharding; `jax.tree.unflatten(jax.tree.structure(state), leaves)` gives the state back. jit
     flattens and rebuilds a state of nnx Variables in Python at every call (13.9 ms for the B/16 recipe's state,
     longer than a whole B/16 step at the accelerator target), a list of arrays in C++ (0.06 ms). cost_tokens: the
-    vocabulary's template prompts (clip.text_finetune = "cost")."""
+    vocabulary's template prompts (clip.text_finetune = "cost").
+
+    With bfloat16 compute the weights that the model reads cast (compute_copy_indices) enter the step as bfloat16
+    copies, and the parameters stay float32 (the masters that the optimizer updates and checkpoints hold): the
+    step returns the trained weights' next copies, cast where the optimizer writes them, and the frozen ones are
+    cast once. Converting each weight where it is used took a GPU kernel per weight and step (about 200 of the
+    B/16 recipe's step); the arithmetic is the same, bit for bit (tests/test_compute.py)."""
     num_slots = int(config.model.dcs.num_slots)
     trainable = optim.trainable(config)
     rows = int(config.text.finetune_rows)
     state_def = jax.tree.structure(state_shardings)
-    cast = cast_once_indices(config, graphdef, state_shardings)
+    frozen, trained = compute_copy_indices(config, graphdef, state_shardings)
+    cast, dtype = frozen + trained, dcp.compute_dtype(config)
 
-    @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(jax.tree.leaves(state_shardings), None))
-    def train_step(state_leaves, cast_leaves, batch, text_embeds, guidance_tokens, cost_tokens=None):
-        leaves = list(state_leaves)
-        for i, value in zip(cast, cast_leaves):
-            leaves[i] = value  # the frozen weight, already in the compute dtype
-        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(state_def, leaves))
+    @functools.partial(jax.jit, donate_argnums=(0,),
+                       out_shardings=(jax.tree.leaves(state_shardings), None, None))
+    def train_step(state_leaves, copies, batch, text_embeds, guidance_tokens, cost_tokens=None):
+        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+        compute_leaves = list(state_leaves)
+        for i, copy in zip(cast, copies):
+            compute_leaves[i] = copy
+        compute_model, _ = nnx.merge(graphdef, jax.tree.unflatten(state_def, compute_leaves))
 
         def loss_fn(model):
             gt = loss_lib.gt_presence(batch["label"], num_classes) if config.model.dcs.include_gt else None
@@ -226,7 +235,9 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int) -> "Tra
             return loss, metrics
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
-        (loss, metrics), grads = grad_fn(model)
+        (loss, metrics), grads = grad_fn(compute_model)
+        # a copy's gradient, in the masters' dtype: what the cast's own backward pass gave before
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, nnx.state(model, trainable))
         optimizer.update(model, grads)
         grad_norm = optim.global_norm(grads)
         # Whether this step's loss, gradients and updated parameters are all finite: what the loop checks before
@@ -235,11 +246,11 @@ def make_train_step(config, graphdef, state_shardings, num_classes: int) -> "Tra
         metrics.update(loss=loss, grad_norm=grad_norm, finite=finite,
                        bad_samples=jnp.sum(batch["bad"]) if "bad" in batch else jnp.zeros((), jnp.int32))
         out = jax.tree.leaves(nnx.state((model, optimizer)))
-        for i in cast:
-            out[i] = state_leaves[i]  # the float32 original, unchanged (frozen)
-        return out, metrics
+        for i in frozen:
+            out[i] = state_leaves[i]  # unchanged
+        return out, tuple(out[i].astype(dtype) for i in trained), metrics
 
-    return TrainStep(train_step, cast, dcp.compute_dtype(config))
+    return TrainStep(train_step, frozen, trained, dtype)
 
 
 # Modules that read each of their parameters through promote_dtype(..., dtype=self.dtype): cast beforehand, the
@@ -248,13 +259,13 @@ CAST_MODULES = (nnx.Linear, nnx.Conv, nnx.Embed, nnx.LayerNorm, nnx.GroupNorm)
 TEXT_TOWER = re.compile(r"^(clip/text_model/|clip/text_projection/|frozen_text_qv/)")
 
 
-def cast_once_indices(config, graphdef, state_shardings) -> tuple[int, ...]:
-    """Positions in the flat train state of the frozen weights that the model only ever reads cast to its
-    compute dtype (the parameters of CAST_MODULES): with bfloat16 compute, the train step
-    takes them already cast, once, instead of converting every frozen CLIP weight at every step (a GPU kernel
-    each). The text tower is left out where the step never runs it (its copies would only take memory)."""
+def compute_copy_indices(config, graphdef, state_shardings) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(frozen, trained): positions in the flat train state of the parameters that the model only ever reads cast
+    to its compute dtype (the parameters of CAST_MODULES), which the train step takes as copies in that dtype;
+    none in float32. The text tower is left out where the step never runs it (its copies would only take
+    memory)."""
     if jnp.dtype(dcp.compute_dtype(config)) == jnp.float32:
-        return ()
+        return (), ()
     rules = optim.parameter_rules(config)
     model = nnx.merge(graphdef, state_shardings)[0]  # the modules' types and dtypes; values are shardings
     castable = {rules_lib.path_str(path) + "/" + name
@@ -263,29 +274,29 @@ def cast_once_indices(config, graphdef, state_shardings) -> tuple[int, ...]:
                 for name in ("kernel", "bias", "embedding", "scale") if isinstance(getattr(node, name, None), nnx.Param)}
     text_used = dcp.reencodes_text(config)
     flat, _ = jax.tree_util.tree_flatten_with_path(state_shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    cast = []
+    frozen, trained = [], []
     for i, (path, _) in enumerate(flat):
         name = rules_lib.path_str(path[1:])
-        if (rules_lib.path_str(path[:1]) == "0" and name in castable and optim.group_of(rules, name) is None
-                and (text_used or not TEXT_TOWER.match(name))):
-            cast.append(i)
-    return tuple(cast)
+        if rules_lib.path_str(path[:1]) == "0" and name in castable and (text_used or not TEXT_TOWER.match(name)):
+            (frozen if optim.group_of(rules, name) is None else trained).append(i)
+    return tuple(frozen), tuple(trained)
 
 
 class TrainStep:
-    """The jitted train step with its frozen weights in the compute dtype: calls take and return the state's flat
-    leaves as make_train_step says; the cast copies are made on the first call and again whenever the frozen
+    """The jitted train step with its compute-dtype weight copies kept between calls: calls take and return the
+    state's flat leaves as make_train_step says. All copies are made afresh on the first call and whenever the
     arrays passed are not the ones the previous call returned (a restored or another state)."""
 
-    def __init__(self, jitted, cast: tuple[int, ...], dtype):
-        self.jitted, self.cast, self.dtype = jitted, cast, dtype
+    def __init__(self, jitted, frozen: tuple[int, ...], trained: tuple[int, ...], dtype):
+        self.jitted, self.frozen, self.trained, self.dtype = jitted, frozen, trained, dtype
+        self.cast = frozen + trained
         self._copies, self._returned, self._compiled = (), None, None
         self._cast_fn = jax.jit(lambda leaves: tuple(a.astype(dtype) for a in leaves))
 
-    def _cast_leaves(self, state_leaves) -> tuple:
-        frozen = [state_leaves[i] for i in self.cast]
-        if self._returned is None or any(a is not b for a, b in zip(frozen, self._returned)):
-            self._copies = self._cast_fn(tuple(frozen)) if frozen else ()
+    def _current_copies(self, state_leaves) -> tuple:
+        arrays = [state_leaves[i] for i in self.cast]
+        if self._returned is None or any(a is not b for a, b in zip(arrays, self._returned)):
+            self._copies = self._cast_fn(tuple(arrays)) if arrays else ()
         return self._copies
 
     def lower(self, state_leaves, *args):
@@ -300,8 +311,9 @@ class TrainStep:
         return self._compiled
 
     def __call__(self, state_leaves, *args):
-        copies = self._cast_leaves(state_leaves)
-        state_leaves, metrics = (self._compiled or self.jitted)(state_leaves, copies, *args)
+        copies = self._current_copies(state_leaves)
+        state_leaves, trained_copies, metrics = (self._compiled or self.jitted)(state_leaves, copies, *args)
+        self._copies = copies[:len(self.frozen)] + tuple(trained_copies)
         self._returned = [state_leaves[i] for i in self.cast]
         return state_leaves, metrics
 

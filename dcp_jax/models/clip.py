@@ -291,11 +291,23 @@ class CLIPVisionEmbeddings(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, pixel_values):
-        patches = self.patch_embedding(pixel_values)  # [B, h, w, W]
+        patches = self.embed_patches(pixel_values)  # [B, h, w, W]
         b, h, w, width = patches.shape
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, width))
         x = jnp.concatenate([cls, patches.reshape(b, h * w, width)], axis=1)
         return x + self.position_embedding.embedding[...].astype(self.dtype)[None], (h, w)
+
+    def embed_patches(self, pixel_values):
+        """The patch embedding's convolution (stride = kernel size, no padding) as one matmul over the image cut
+        into patches: the same sums (float32 parity with HF's CLIP holds, tests/test_clip.py); on a GPU a cuBLAS
+        call inside the step's CUDA graphs where XLA kept a cuDNN convolution outside them."""
+        conv = self.patch_embedding
+        p = conv.kernel_size[0]
+        b, height, width, c = pixel_values.shape
+        h, w = height // p, width // p
+        patches = pixel_values[:, :h * p, :w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x, kernel = conv.promote_dtype((patches.reshape(b, h, w, p * p * c), conv.kernel[...]), dtype=conv.dtype)
+        return x @ kernel.reshape(p * p * c, -1)
 
 
 class CLIPVisionTransformer(nnx.Module):

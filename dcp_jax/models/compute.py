@@ -398,23 +398,63 @@ def _narrow(dtype) -> bool:
 
 
 class LayerNorm(nnx.LayerNorm):
-    """nnx.LayerNorm that, computing in bfloat16, keeps only its input for the backward pass: its float32
-    internals (x^2, x - mean, the normalised x: three float32 copies of every normalised activation, the
-    largest float32 residuals of a bfloat16 step) are recomputed, an elementwise pass. float32 as nnx's."""
+    """nnx.LayerNorm that, computing in bfloat16, keeps only its input and each row's float32 mean and 1/std for
+    the backward pass (`normalized`): autodiff of nnx's norm keeps three float32 copies of every normalised
+    activation (x^2, x - mean, the normalised x). float32 as nnx's."""
 
     def __call__(self, x, *, mask=None):
-        if not _narrow(self.dtype):
+        if not _narrow(self.dtype) or mask is not None or self.scale is None or self.bias is None:
             return super().__call__(x, mask=mask)
-        return jax.checkpoint(lambda x: super(LayerNorm, self).__call__(x, mask=mask))(x)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return normalized(x, scale, bias, (x.ndim - 1,), self.epsilon)
 
 
 class GroupNorm(nnx.GroupNorm):
-    """nnx.GroupNorm with LayerNorm's bfloat16 rule: only the input is kept for the backward pass."""
+    """nnx.GroupNorm with LayerNorm's bfloat16 rule: the input and each group's statistics kept for the backward."""
 
     def __call__(self, x, *, mask=None):
-        if not _narrow(self.dtype):
+        if (not _narrow(self.dtype) or mask is not None or self.scale is None or self.bias is None
+                or self.reduction_axes is not None):
             return super().__call__(x, mask=mask)
-        return jax.checkpoint(lambda x: super(GroupNorm, self).__call__(x, mask=mask))(x)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        grouped = x.reshape(x.shape[:-1] + (self.num_groups, self.group_size))
+        group = (self.num_groups, self.group_size)
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # every axis but the batch and the group
+        return normalized(grouped, scale.reshape(group), bias.reshape(group), axes, self.epsilon).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalized(x, scale, bias, axes: tuple[int, ...], epsilon: float):
+    """(x - mean) / sqrt(var + epsilon) * scale + bias with the mean and variance over `axes` in float32, in x's
+    dtype: nnx's norm arithmetic (its fast variance, E[x^2] - E[x]^2), with a backward pass that keeps x and the
+    float32 statistics only and computes the gradient in one pass (no recomputed statistics, two row sums).
+    scale and bias have the shape of x's trailing axes."""
+    return _normalized_fwd(x, scale, bias, axes, epsilon)[0]
+
+
+def _normalized_fwd(x, scale, bias, axes, epsilon):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(xf * xf, axes, keepdims=True) - mean * mean)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (xf - mean) * (rstd * scale) + bias
+    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _normalized_bwd(axes, epsilon, saved, g):
+    del epsilon
+    x, mean, rstd, scale, bias = saved
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = g.astype(jnp.float32)
+    param_axes = tuple(range(x.ndim - scale.ndim))  # scale and bias span x's trailing axes
+    d_scale = jnp.sum(g * xhat, param_axes).astype(scale.dtype)
+    d_bias = jnp.sum(g, param_axes).astype(bias.dtype)
+    gs = g * scale
+    dx = rstd * (gs - jnp.mean(gs, axes, keepdims=True) - xhat * jnp.mean(gs * xhat, axes, keepdims=True))
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+normalized.defvjp(_normalized_fwd, _normalized_bwd)
 
 
 # --------------------------------------------------------------------------------------------------
