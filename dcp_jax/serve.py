@@ -223,21 +223,7 @@ class Engine:
         return examples, vocabularies
 
     def notes(self, names: list[str]) -> list[str]:
-        """What the model cannot know about this vocabulary: words its text encoder never read (the toy CLIP's),
-        and classes outside its training vocabulary (open vocabulary: tag validation re-checks their regions)."""
-        notes = []
-        if self.known_words is not None:
-            unknown = sorted({w for n in names for w in re.findall(r"[a-z]+", n.lower())} - self.known_words)
-            if unknown:
-                notes.append(f"The demo's toy CLIP never read {_some(unknown)}: it knows only the toy world's "
-                             "words, so these classes are scored on noise.")
-        if self.base.train_classes:
-            unseen = [n for n, s in zip(names, text_lib.seen_mask(names, self.base.train_classes)) if not s]
-            if unseen:
-                notes.append(f"{len(unseen)} of {len(names)} classes are not among the model's "
-                             f"{len(self.base.train_classes)} training classes ({_some(unseen)}): tag validation "
-                             "re-checks their regions.")
-        return notes
+        return vocabulary_notes(names, self.known_words, self.base.train_classes)
 
     def _segmenter(self, theta: float | None, zero_shot: bool):
         from dcp_jax.segmenter import Segmenter
@@ -312,6 +298,24 @@ class Engine:
     def close(self) -> None:
         if self._cost is not None:
             self._cost.close()
+
+
+def vocabulary_notes(names: list[str], known_words: set[str] | None, train_classes: list[str] | None) -> list[str]:
+    """What the model cannot know about a vocabulary: words its text encoder never read (`known_words`: the toy
+    CLIP's; None for a real CLIP, whose byte-level BPE reads any text), and classes outside its training
+    vocabulary (open vocabulary: tag validation re-checks their regions)."""
+    notes = []
+    if known_words is not None:
+        unknown = sorted({w for n in names for w in re.findall(r"[a-z]+", n.lower())} - known_words)
+        if unknown:
+            notes.append(f"The demo's toy CLIP never read {_some(unknown)}: it knows only the toy world's words, "
+                         "so these classes are scored on noise.")
+    if train_classes:
+        unseen = [n for n, s in zip(names, text_lib.seen_mask(names, train_classes)) if not s]
+        if unseen:
+            notes.append(f"{len(unseen)} of {len(names)} classes are not among the model's {len(train_classes)} "
+                         f"training classes ({_some(unseen)}): tag validation re-checks their regions.")
+    return notes
 
 
 def _some(items: list[str], n: int = 8) -> str:
