@@ -4,15 +4,19 @@ r"""The interactive page: open-vocabulary segmentation you can click on, with th
 
 Give an image (upload one, or pick one of the workdir's own dataset) and a vocabulary (free text: commas, or
 one class per line; a built-in list; the workdir's training or dataset vocabulary) and press Run. The page
-shows the overlay with its legend (predict's palette and labels), the per-class pixel fractions, a switch to
-the zero-shot CLIP's result on the same input, the classes Dynamic Category Selection selected (and those it
-did not), the slot bucket K the head ran on, the head's GFLOPs at K against decoding every class (XLA's cost
-analysis of the compiled programs, as `bench`; cached per vocabulary and K), a theta slider that re-runs the
-selection, each clicked pixel's top-5 classes with scores, and the regions tag validation relabelled.
+shows the original and the segmentation side by side with an opacity slider, an HTML legend (each class's
+colour, a function of its name as in predict's overlays, and its share; pointing at a row shows that class
+alone), predict's three files as downloads, a switch to the zero-shot CLIP's result and one for tag
+validation (before / after), the classes Dynamic Category Selection selected (and those it did not), the slot
+bucket K the head ran on, the head's GFLOPs at K against decoding every class (XLA's cost analysis of the
+compiled programs, as `bench`; cached per vocabulary and K), a theta slider that re-runs the selection, and
+each clicked pixel's top-5 classes with scores. Errors appear next to the control that caused them, progress
+names its stage, and the layout is one column below 1024 px. docs/serve.md shows it.
 
 This module owns the page (NiceGUI) and the model side of it (`Engine`). The inference is the Segmenter's
 (`Segmenter.segment_details`: predict's labels, with what made them). The compiled programs live in this
-process and serve every request and every browser tab (one compile per slot bucket, as `evaluate`); a lock
+process and serve every request and every browser tab (one compile per slot bucket, as `evaluate`, and per padded
+vocabulary size: 16, 64, 256 or 1024 classes, so a new class count compiles nothing); a lock
 serializes the model work, which runs in a thread so the page stays live. GFLOPs are counted in a worker
 process, because bench's cost analysis re-traces the model with its loops unrolled and clears JAX's caches.
 Without --workdir it serves the CPU demo's workdir, runs/demo. It binds to 127.0.0.1 unless --host says
@@ -256,6 +260,7 @@ class Engine:
             if segmenter.class_names != list(names):
                 progress(f"embedding {len(names)} classes (kept on disk for the next time)")
                 segmenter.set_vocabulary(names)
+            embedded = runtime.compile_stats()["compiles"]  # the text encoder may compile for a new prompt count
             rows = padded_count(len(names))
             key = (id(segmenter), rows, inference.bucket_shape(image.shape[:2]))
             first = key not in self._warm
@@ -266,7 +271,8 @@ class Engine:
             self._warm.add(key)
             if first:
                 self._first_seconds = seconds
-            result.update(seconds=seconds, compiled=runtime.compile_stats()["compiles"] - compiles)
+            done = runtime.compile_stats()["compiles"]
+            result.update(seconds=seconds, compiled=done - compiles, compiled_segmenting=done - embedded)
         # What a click reads, kept small per tab: class ids fit int16 (MAX_CLASSES), scores are shown to 3 digits.
         result.update(top_classes=result["top_classes"].astype(np.int16),
                       top_scores=result["top_scores"].astype(np.float16))
@@ -637,9 +643,11 @@ class Tab:
             self.run_button.props(remove="loading")
         if result is None or n != self.requests:  # shutting down, or a newer request of this tab superseded it
             return None
-        self.progress_text = f"{result['seconds']:.2f} s, {result['compiled']} programs compiled"
+        self.progress_text = (f"{result['seconds']:.2f} s, {result['compiled']} programs compiled "
+                              f"({result['compiled_segmenting']} to segment)")
         log(f"tab {self.id}: {what}: {result['seconds']:.2f} s, K = {result['bucket']}, "
-            f"{result['compiled']} programs compiled (vocabulary padded to {result['rows']})")
+            f"{result['compiled']} programs compiled ({result['compiled_segmenting']} to segment; vocabulary padded "
+            f"to {result['rows']})")
         engine.keep(result, image, name)
         self.inputs = inputs
         self.results["zs" if zero else "dcp"] = result

@@ -2,7 +2,8 @@
 headless Chromium (Debian's chromium and chromium-driver, through selenium; nothing is downloaded), plus the
 page's input checks and the per-pixel top classes without a browser.
 
-    python tests/test_serve.py --workdir runs/demo --out docs/serve.png     # the README's screenshot
+    python tests/test_serve.py --workdir runs/demo --out docs/serve.png     # the README's screenshots
+    DCP_JAX_CACHE=$(mktemp -d) python tests/test_serve.py --workdir runs/demo --times   # docs/serve.md's times
 """
 
 import base64
@@ -268,11 +269,11 @@ def test_the_page_shows_and_downloads_what_predict_writes(run, server, page, tmp
     assert "dcp-stale" in page.driver.find_element(page.by.ID, "result").get_attribute("class")
     page.run()
     assert page.legend() == legend and page.text("stale") == ""
-    assert page.text("status").endswith(", 0 programs compiled")
+    assert page.text("status").endswith("(0 to segment)"), page.text("status")  # the text encoder may compile
     fewer = [n for n in vocabulary if n != unselected[0]]
     page.type_classes(", ".join(fewer))
     again = page.run()
-    assert page.text("status").endswith(", 0 programs compiled"), page.text("status")
+    assert page.text("status").endswith("(0 to segment)"), page.text("status")  # the text encoder may compile, page.text("status")
     assert again["labels"].max() < len(fewer)
     page.wait(lambda: "for this image" in page.text("cost"), 300)  # counted in the server's worker process
     cost = page.text("cost")
@@ -456,13 +457,48 @@ def screenshot(workdir: Path, out: Path, image: Path, click: tuple[int, int]) ->
         print(f"{path}: {path.stat().st_size // 1024} kB")
 
 
+def request_times(workdir: Path, image: Path) -> None:
+    """docs/serve.md's table: the page's model side (serve.Engine, vocabularies padded) on one image, the first
+    and the repeat request for each class count, in this order (run it with a fresh DCP_JAX_CACHE for the
+    first-time numbers)."""
+    from dcp_jax import checkpoint, runtime
+    from dcp_jax.data import classnames, datasets, toy_world
+    config = checkpoint.load_config(workdir)
+    runtime.start(config)
+    engine = serve.Engine(workdir, config)
+    picture = datasets.read_image(image)
+    ade = classnames.load("ade847")
+    keys = {visualize.name_key(n) for n in ade}
+    extra = list(dict.fromkeys(n for n in classnames.load("pc459") + classnames.load("coco_stuff_171")
+                               if visualize.name_key(n) not in keys))[:153]  # 847 + 153 = 1000 names
+    toy = list(toy_world.CLASS_NAMES)
+    vocabularies = {1: toy[:1], 5: toy[:5], 24: toy, 100: ade[:100], 847: ade, 1000: ade + extra}
+    print("| classes | padded to | first request | of which embedding | programs compiled (text encoder included) "
+          "| repeat (median of 3) |")
+    print("|---|---|---|---|---|---|")
+    for count in (24, 5, 1, 100, 847, 1000):
+        stages = []
+        result = engine.segment(picture, vocabularies[count], progress=lambda t: stages.append((time.perf_counter(), t)))
+        embed = next((stages[i + 1][0] - t for i, (t, s) in enumerate(stages[:-1]) if s.startswith("embedding")), 0)
+        repeats = []
+        for _ in range(3):
+            start = time.perf_counter()
+            assert engine.segment(picture, vocabularies[count])["compiled"] == 0
+            repeats.append(time.perf_counter() - start)
+        print(f"| {count} | {result['rows']} | {result['seconds']:.2f} s | {embed:.2f} s | {result['compiled']} | "
+              f"{np.median(repeats):.3f} s |", flush=True)
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="the README's screenshot of the page")
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--image", default="runs/demo/toy_world/images/val/000025.png")
     parser.add_argument("--out", default="docs/serve.png")
+    parser.add_argument("--times", action="store_true", help="print docs/serve.md's request times instead")
     args = parser.parse_args()
+    if args.times:
+        sys.exit(request_times(Path(args.workdir), Path(args.image)))
     if shutil.which(CHROMIUM) is None:
         sys.exit(browser_missing())
     screenshot(Path(args.workdir), Path(args.out), Path(args.image), click=(60, 30))
