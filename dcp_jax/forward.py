@@ -41,11 +41,13 @@ def bucket_cap(num_slots: int, num_classes: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "views_per_image", "max_slots"))
-def encode_select(graphdef, params, views, text_embeds, *, views_per_image: int, max_slots: int):
+def encode_select(graphdef, params, views, text_embeds, *, views_per_image: int, max_slots: int,
+                  class_valid=None):
     """Stage 1: views [B*V,S,S,3] (0..255, image-major) -> (features per view, per-image candidates).
 
     Candidates: slot_class int32 [B,max_slots], slot_valid [B,max_slots] (the selected classes of
     any of the image's views, best first) and dcs_selected int32 [B] (how many were selected).
+    `class_valid` [C] bool: False for the rows of a vocabulary padded to a fixed size (never selected).
     """
     model = nnx.merge(graphdef, params)
     model.check_text(text_embeds)
@@ -54,7 +56,7 @@ def encode_select(graphdef, params, views, text_embeds, *, views_per_image: int,
     n, g = features["dense"].shape[:2]
     level, p_img, votes = selection.selection_levels(
         features["cls"], features["dense"].reshape(n, g * g, -1), text_bar, model.clip.logit_scale[...],
-        theta=model.theta)
+        theta=model.theta, class_valid=class_valid)
     # An image decodes the union of its views' classes at their best priority, so no class scores 0
     # in a view merely because that view did not select it (MODEL.md section 7); its votes add up.
     per_image = lambda x: x.reshape(-1, views_per_image, x.shape[-1])  # noqa: E731
@@ -90,12 +92,13 @@ def decode(graphdef, params, features, text_embeds, guidance_text, slot_class, s
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def validate_labels(labels, image_hw, slot_class, slot_valid, global_dense, text_embeds, seen, *, k: int):
+def validate_labels(labels, image_hw, slot_class, slot_valid, global_dense, text_embeds, seen, *, k: int,
+                    class_valid=None):
     """Tag validation on the final label maps [B,H,W] (models/tag_validation.validate_label_map): each
     image's candidate classes [B,K], the whole-image view's dense features [B,g,g,D]."""
     text_bar = selection.mean_text_embedding(text_embeds.astype(jnp.float32))
     return tag_validation.validate_label_map(labels, image_hw, slot_class, slot_valid, global_dense, text_bar,
-                                             seen, k=k)
+                                             seen, k=k, class_valid=class_valid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -105,13 +108,14 @@ def guidance_embeddings(graphdef, params, input_ids, attention_mask):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_slots"))
-def zero_shot(graphdef, params, views, text_embeds, *, num_slots: int):
+def zero_shot(graphdef, params, views, text_embeds, *, num_slots: int, class_valid=None):
     """The zero-shot baseline: CLIP's dense features scored against the class embeddings, no head.
 
     Per view: CAT-Seg's dense features against T_bar, per-patch log-softmax over all C classes of
     logit_scale * cos. The logits are these log-probabilities: sigmoid(log p) = p / (1 + p) keeps the
     per-pixel ranking, whereas sigmoid(100 * cos) saturates to exactly 1.0 in float32 for every class.
-    Slots: the top-`num_slots` classes by their best patch probability in the view, all valid.
+    Slots: the top-`num_slots` classes by their best patch probability in the view, all valid but padding
+    classes (`class_valid` False, probability 0).
     """
     from dcp_jax.models.clip import normalize_pixels
 
@@ -125,9 +129,11 @@ def zero_shot(graphdef, params, views, text_embeds, *, num_slots: int):
     dense = selection.l2_normalize(aux["dense"])  # [N,g,g,D]
     scale = jnp.exp(model.logit_scale[...].astype(jnp.float32))
     cos = jnp.einsum("nhwd,cd->nhwc", dense, text_bar, precision=jax.lax.Precision.HIGHEST)
-    log_p = jax.nn.log_softmax(scale * cos, axis=-1)
+    scores = scale * cos if class_valid is None else jnp.where(class_valid, scale * cos, -jnp.inf)
+    log_p = jax.nn.log_softmax(scores, axis=-1)
     k = selection.resolve_num_slots(num_slots, text_bar.shape[0])
     _, slot_class = jax.lax.top_k(jnp.max(log_p, axis=(1, 2)), k)  # [N,K]
     logits = jnp.take_along_axis(log_p, slot_class[:, None, None, :], axis=-1)
+    valid = jnp.ones(slot_class.shape, bool) if class_valid is None else class_valid[slot_class]
     return {"logits": jnp.transpose(logits, (0, 3, 1, 2)), "slot_class": slot_class.astype(jnp.int32),
-            "slot_valid": jnp.ones(slot_class.shape, bool)}
+            "slot_valid": valid}

@@ -32,16 +32,29 @@ from dcp_jax.models import clip as clip_lib
 from dcp_jax.models import dcp, selection
 
 
+CLASS_PADS = (16, 64, 256, 1024)  # with pad_classes, a vocabulary is padded to the first that holds it
+
+
+def padded_count(num_classes: int) -> int:
+    """The rows a vocabulary of `num_classes` is padded to: the smallest of CLASS_PADS that holds it (itself
+    beyond the largest)."""
+    return next((p for p in CLASS_PADS if p >= num_classes), num_classes)
+
+
 class Segmenter:
     """Segments images against a vocabulary with a trained DCP-CLIP model or the zero-shot CLIP baseline.
 
     `model`: a DCPCLIP (or, with zero_shot=True, a CLIPModel). Its parameters may live anywhere (the
     trainer's mesh, other hosts): they are copied onto this host's devices.
+    `pad_classes`: pad every vocabulary with masked rows to `padded_count(C)` (the class count is a static shape
+    of every compiled program, so without it each new count compiles them all again; the serve page pads).
+    Padding rows are never selected, decoded as a valid slot, ranked by tag validation or labelled: the labels
+    are those of the unpadded vocabulary.
     """
 
     def __init__(self, model, config: ml_collections.ConfigDict, tokenizer, *,
                  train_classes: Sequence[str] | None = None, zero_shot: bool = False, text_cache_dir=None,
-                 step: int = 0, checkpoint_dir: str = ""):
+                 step: int = 0, checkpoint_dir: str = "", pad_classes: bool = False):
         self.config = config
         self.tokenizer = tokenizer
         self.zero_shot = zero_shot
@@ -56,6 +69,8 @@ class Segmenter:
         # The vocabulary's template embeddings in float32, whatever the model computes in.
         self._text_model = clip_lib.with_compute(local_model) if zero_shot else local_model.frozen_text_clip()
         self.class_names: list[str] | None = None
+        self.pad_classes = bool(pad_classes)
+        self._class_valid = None  # [rows] bool when the vocabulary is padded
         # {"selected", "bucket", "relabelled" (slots tag validation relabelled in the batch's images),
         #  "dropped" (per image: selected classes beyond the cap)} of the last batch (not for zero-shot)
         self.last_slots: dict | None = None
@@ -64,17 +79,19 @@ class Segmenter:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
-                     checkpoint: str | int | None = None) -> "Segmenter":
+                     checkpoint: str | int | None = None, *, pad_classes: bool = False) -> "Segmenter":
         model, config, step, checkpoint_dir = ckpt_lib.restore_model(workdir, config, checkpoint)
         return cls(model, config, text_lib.load_tokenizer(ckpt_lib.tokenizer_dir(workdir)),
-                   train_classes=ckpt_lib.load_train_classes(workdir), step=step, checkpoint_dir=checkpoint_dir)
+                   train_classes=ckpt_lib.load_train_classes(workdir), step=step, checkpoint_dir=checkpoint_dir,
+                   pad_classes=pad_classes)
 
     @classmethod
-    def from_clip(cls, clip_path: str | os.PathLike, config: ml_collections.ConfigDict) -> "Segmenter":
+    def from_clip(cls, clip_path: str | os.PathLike, config: ml_collections.ConfigDict, *,
+                  pad_classes: bool = False) -> "Segmenter":
         """The zero-shot baseline: dense CLIP similarity with no trained head (the floor to beat)."""
         clip_model, _ = clip_lib.load_clip(clip_path, image_size=config.clip.image_size,
                                            dtype=dcp.compute_dtype(config))
-        return cls(clip_model, config, text_lib.load_tokenizer(clip_path), zero_shot=True)
+        return cls(clip_model, config, text_lib.load_tokenizer(clip_path), zero_shot=True, pad_classes=pad_classes)
 
     # -- what benchmarks measure ---------------------------------------------------------------
     def model(self):
@@ -86,7 +103,12 @@ class Segmenter:
         """The vocabulary's template embeddings [C, templates, D] in float32, as selection reads them."""
         if self.class_names is None:
             raise RuntimeError("call set_vocabulary(class_names) first")
-        return self._text_embeds
+        return self._text_embeds[:len(self.class_names)] if self.pad_classes else self._text_embeds
+
+    @property
+    def num_rows(self) -> int:
+        """The vocabulary's rows in the compiled programs: its size, or the padded size."""
+        return padded_count(len(self.class_names)) if self.pad_classes else len(self.class_names)
 
     # -- vocabulary -----------------------------------------------------------------------------
     def set_vocabulary(self, class_names: Sequence[str]) -> None:
@@ -98,21 +120,32 @@ class Segmenter:
         if class_names == self.class_names:
             return
         replicated = distributed.replicated(self.mesh)
+        count = len(class_names)
+        rows = padded_count(count) if self.pad_classes else count
+
+        def put(x, fill=0):  # onto the devices, padded to `rows` (zero embeddings; masked everywhere they matter)
+            x = np.asarray(x)  # padded on the host: an eager jnp.pad would compile a program per class count
+            if rows > len(x):
+                x = np.pad(x, [(0, rows - len(x))] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+            return jax.device_put(x, replicated)
+
         text = text_lib.embed_vocabulary(self._text_model, self.tokenizer, class_names, self.config.text.templates,
                                          batch_size=self.config.text.batch_size, cache_dir=self.text_cache_dir)
-        self._text_embeds = jax.device_put(jnp.asarray(text), replicated)
+        self._text_embeds = put(text)
         self._cost_text = self._text_embeds  # what the head's cost volume reads
+        self._class_valid = put(np.ones(count, bool), False) if self.pad_classes else None
         if not self.zero_shot and config_lib.text_finetune(self.config) == "cost":
             # The cost volume was trained on the trained text tower's embeddings; selection keeps the frozen ones.
             trained = clip_lib.with_compute(nnx.merge(self._graphdef, self._params).clip, jnp.float32)
             cost = text_lib.embed_vocabulary(trained, self.tokenizer, class_names, self.config.text.templates,
                                              batch_size=self.config.text.batch_size, cache_dir=self.text_cache_dir)
-            self._cost_text = jax.device_put(jnp.asarray(cost), replicated)
+            self._cost_text = put(cost)
         if not self.zero_shot:
-            self._guidance_text = jax.device_put(self._guidance(class_names, text), replicated)
+            # Padded first, so the eager mean's shape (a program of its own) is the padded one; per row, the same.
+            self._guidance_text = put(self._guidance(class_names, np.asarray(put(text))))
             seen = (text_lib.seen_mask(class_names, self.train_classes) if self.train_classes is not None
                     else np.ones(len(class_names), bool))  # no training vocabulary known: TV has nothing to check
-            self._seen = jax.device_put(jnp.asarray(seen), replicated)
+            self._seen = put(seen, True)
         self.class_names = class_names
 
     def _guidance(self, class_names: list[str], text: np.ndarray) -> jax.Array:
@@ -193,11 +226,12 @@ class Segmenter:
             views = jax.device_put(views, distributed.batch_sharding(self.mesh))
         if self.zero_shot:
             return forward.zero_shot(self._graphdef, self._params, views, self._text_embeds,
-                                     num_slots=int(self.config.eval.num_slots))
+                                     num_slots=int(self.config.eval.num_slots), class_valid=self._class_valid)
         per_image = inference.num_views(**self.geometry())
-        cap = forward.bucket_cap(self.config.eval.num_slots, len(self.class_names))
+        cap = forward.bucket_cap(self.config.eval.num_slots, self.num_rows)
         features, ranked = forward.encode_select(self._graphdef, self._params, views, self._text_embeds,
-                                                 views_per_image=per_image, max_slots=cap)
+                                                 views_per_image=per_image, max_slots=cap,
+                                                 class_valid=self._class_valid)
         selected_per_image, dropped = (np.asarray(a) for a in jax.device_get((ranked["dcs_selected"],
                                                                              ranked["dcs_dropped"])))
         selected = int(selected_per_image.max())
@@ -219,7 +253,8 @@ class Segmenter:
             return labels
         slot_class, slot_valid, dense = self._tv_inputs
         labels, relabelled = forward.validate_labels(labels, out_sizes, slot_class, slot_valid, dense,
-                                                     self._text_embeds, self._seen, k=int(self.config.model.tv.k))
+                                                     self._text_embeds, self._seen, k=int(self.config.model.tv.k),
+                                                     class_valid=self._class_valid)
         self.last_slots["relabelled"] = int(np.asarray(jax.device_get(relabelled))[:num_images].sum())
         return labels
 
@@ -235,6 +270,7 @@ class Segmenter:
                        zero-shot); dropped: selected classes beyond the largest bucket, never decoded
           bucket       K, the slot bucket the head ran on (None for zero-shot)
           relabels     [(from id, to id, pixels)]: the regions tag validation relabelled
+          before_tv    int32 [H,W] the labels before tag validation (the same as labels when it is off)
         """
         if self.class_names is None:
             raise RuntimeError("call set_vocabulary(class_names) before segment_details()")
@@ -275,4 +311,4 @@ class Segmenter:
                 "selected": None if slots is None else [int(c) for c in first_view[0][first_view[1]]],
                 "dropped": 0 if slots is None else int(slots["dropped"][0]),
                 "bucket": None if slots is None else int(slots["bucket"]),
-                "relabels": [(int(a), int(b), int(n)) for (a, b), n in zip(pairs.T, counts)]}
+                "relabels": [(int(a), int(b), int(n)) for (a, b), n in zip(pairs.T, counts)], "before_tv": before}

@@ -199,7 +199,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256
     context = model.config.text.max_position_embeddings
     ids, mask = tokenize(tokenizer, texts, context_length=min(77, context))
     n = len(texts)
-    batch = max(1, min(batch_size, n))
+    batch = max(1, min(batch_size, 1 << max(n - 1, 0).bit_length()))  # a power of two: few shapes for small n
     graphdef, state = nnx.split(model)
     out = np.zeros((n, model.config.projection_dim), np.float32)
     for start in tqdm(range(0, n, batch), desc=desc, unit="batch", disable=n <= batch):

@@ -65,12 +65,12 @@ def check_outputs(out_dir, stem, image, class_names) -> np.ndarray:
         overlay = np.asarray(im).astype(np.int64)
     assert overlay.shape[0] >= h and overlay.shape[1] > w  # the image plus a legend on the right
     # Left part: the 50/50 blend of the image and each pixel's class colour (rounding: off by at most 1).
-    colors = np.array([visualize.palette_color(i) for i in range(len(class_names))])
+    colors = visualize.class_colors(class_names).astype(np.int64)  # by name, as the page colours
     blend = 0.5 * image + 0.5 * colors[labels]
     assert np.abs(overlay[:h, :w] - blend).max() <= 1
     legend = overlay[:, w:]
     for c in listed:  # each present class has its colour swatch in the legend
-        assert (legend == np.array(visualize.palette_color(c["id"]))).all(-1).any(), c["name"]
+        assert (legend == colors[c["id"]]).all(-1).any(), c["name"]
     return labels
 
 

@@ -31,35 +31,39 @@ def resolve_num_slots(num_slots: int, num_classes: int) -> int:
     return num_classes if num_slots == 0 or num_slots >= num_classes else num_slots
 
 
-def class_scores(cls_embeds: jax.Array, dense: jax.Array, text_bar: jax.Array, logit_scale: jax.Array):
+def class_scores(cls_embeds: jax.Array, dense: jax.Array, text_bar: jax.Array, logit_scale: jax.Array,
+                 class_valid: jax.Array | None = None):
     """Image- and patch-level class probabilities.
 
     cls_embeds [B,D], dense [B,N,D] (any scale; normalised here), text_bar [C,D] unit vectors,
     logit_scale: CLIP's log scale (s = exp(logit_scale)). Returns p_img [B,C], p_patch [B,N,C]
-    (float32 softmaxes over the vocabulary).
+    (float32 softmaxes over the vocabulary). `class_valid` [C] bool: rows past the vocabulary (a vocabulary
+    padded to a fixed size, so that one compiled program serves many sizes) get probability exactly 0.
     """
     s = jnp.exp(logit_scale.astype(jnp.float32))
     text_bar = text_bar.astype(jnp.float32)
     cls_n = l2_normalize(cls_embeds.astype(jnp.float32))
     dense_n = l2_normalize(dense.astype(jnp.float32))
-    p_img = jax.nn.softmax(s * cls_n @ text_bar.T, axis=-1)
-    p_patch = jax.nn.softmax(s * jnp.einsum("bnd,cd->bnc", dense_n, text_bar), axis=-1)
-    return p_img, p_patch
+    img_logits, patch_logits = s * cls_n @ text_bar.T, s * jnp.einsum("bnd,cd->bnc", dense_n, text_bar)
+    if class_valid is not None:
+        img_logits, patch_logits = (jnp.where(class_valid, x, -jnp.inf) for x in (img_logits, patch_logits))
+    return jax.nn.softmax(img_logits, axis=-1), jax.nn.softmax(patch_logits, axis=-1)
 
 
-def selection_levels(cls_embeds, dense, text_bar, logit_scale, *, theta: float, gt_present=None):
+def selection_levels(cls_embeds, dense, text_bar, logit_scale, *, theta: float, gt_present=None, class_valid=None):
     """Each class's priority level (LEVEL_*) per image, p_img, and its patch votes:
     (level int32 [B,C], p_img [B,C], votes int32 [B,C] = the patches whose damped argmax it is).
 
     C_patch = union over patches of argmax_c p_patch * (1 - p_img); C_img = {p_img > theta};
     theta <= 0 selects every class (the "no DCS" baseline; tested explicitly because a float32
     softmax at s=100 can underflow to exactly 0). Classes present in `gt_present` [B,C] (training)
-    outrank everything. No gradient flows through the selection.
+    outrank everything. Padding classes (`class_valid` False) are never selected. No gradient flows through
+    the selection.
     """
     num_classes = text_bar.shape[0]
     p_img, p_patch = class_scores(
-        jax.lax.stop_gradient(cls_embeds), jax.lax.stop_gradient(dense), jax.lax.stop_gradient(text_bar), logit_scale
-    )
+        jax.lax.stop_gradient(cls_embeds), jax.lax.stop_gradient(dense), jax.lax.stop_gradient(text_bar), logit_scale,
+        class_valid)
     p_img = jax.lax.stop_gradient(p_img)
     # Damp the dominant classes so each patch can reveal a secondary one.
     q_patch = p_patch * (1.0 - p_img)[:, None, :]
@@ -73,6 +77,8 @@ def selection_levels(cls_embeds, dense, text_bar, logit_scale, *, theta: float, 
         if gt_present.shape != p_img.shape:
             raise ValueError(f"gt_present has shape {gt_present.shape}; expected [B,C] = {p_img.shape}")
         level = jnp.where(gt_present, LEVEL_GT, level)
+    if class_valid is not None:
+        level = jnp.where(class_valid, level, LEVEL_NONE)
     return level.astype(jnp.int32), p_img, votes
 
 

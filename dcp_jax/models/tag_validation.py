@@ -40,10 +40,13 @@ def _check(k: int, seen: jax.Array, num_classes: int) -> None:
         raise ValueError(f"seen mask has shape {seen.shape}; expected [C] = ({num_classes},)")
 
 
-def _relabel(pooled, slot_class, slot_valid, wins, text_bar, seen, k: int):
+def _relabel(pooled, slot_class, slot_valid, wins, text_bar, seen, k: int, class_valid=None):
     """Eq. 17's rule on pooled region features [...,K,D]: a valid unseen slot that wins pixels and whose
-    class is not in the top-k of the vocabulary for its region -> (relabel [...,K], top-1 class [...,K])."""
+    class is not in the top-k of the vocabulary for its region -> (relabel [...,K], top-1 class [...,K]).
+    Padding classes (`class_valid` False) never rank."""
     sims = l2_normalize(pooled) @ text_bar.astype(jnp.float32).T  # [...,K,C]
+    if class_valid is not None:
+        sims = jnp.where(class_valid, sims, -jnp.inf)
     own = jnp.take_along_axis(sims, slot_class[..., None], axis=-1)
     relabel = slot_valid & wins & ~seen[slot_class] & (jnp.sum(sims > own, axis=-1) >= k)
     return relabel, jnp.argmax(sims, axis=-1).astype(jnp.int32)
@@ -83,6 +86,7 @@ def validate_label_map(
     seen: jax.Array,
     *,
     k: int,
+    class_valid: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Tag validation on the final prediction (Eq. 17): each unseen class's region of the combined label
     map of all views is pooled over the whole image's dense features.
@@ -90,7 +94,7 @@ def validate_label_map(
     labels int [B,H,W] vocabulary ids (-1 outside each image's `image_hw` [B,2]); slot_class / slot_valid
     [B,K] the image's candidate classes; dense [B,g,g,D] the features of the whole image stretched to the
     CLIP input (the global view), so pixel (y, x) of an h x w image falls in cell (y g // h, x g // w);
-    text_bar [C,D]; seen bool [C]. A candidate keeps its label when its class is seen, wins no pixel, or
+    text_bar [C,D]; seen bool [C]; class_valid bool [C] (None: all), False for padding classes. A candidate keeps its label when its class is seen, wins no pixel, or
     ranks in the top-k of the vocabulary for its pooled region; otherwise all its pixels take the top-1.
     Returns (labels [B,H,W], relabelled bool [B,K]).
     """
@@ -108,7 +112,8 @@ def validate_label_map(
         counts = jax.ops.segment_sum(inside.astype(jnp.float32).ravel(), segment.ravel(),
                                      num_segments=grid * grid * num_classes).reshape(grid * grid, num_classes)
         regions = counts[:, classes]  # [g*g,K]: pixels of each candidate's region per cell
-        relabel, new_class = _relabel(regions.T @ feats, classes, valid, regions.sum(0) > 0, text_bar, seen, k)
+        relabel, new_class = _relabel(regions.T @ feats, classes, valid, regions.sum(0) > 0, text_bar, seen, k,
+                                       class_valid)
         table = jnp.arange(num_classes, dtype=jnp.int32).at[jnp.where(relabel, classes, num_classes)].set(
             new_class, mode="drop")
         return jnp.where(inside, table[jnp.maximum(image_labels, 0)], -1), relabel
