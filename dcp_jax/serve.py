@@ -594,10 +594,11 @@ class Tab:
         self.mark_stale(f"This result is for {self.inputs[2]}, not {name}" if self.inputs else "")
 
     async def on_upload(self, e) -> None:
+        from nicegui import run
         data = await e.file.read()
         self.upload.reset()
-        try:
-            image, note = decode_image(data, e.file.name)
+        try:  # in a worker thread: decoding a large upload on the event loop stalled every other tab
+            image, note = await run.io_bound(decode_image, data, e.file.name)
         except ValueError as err:
             return self.fail(self.image_message, f"upload refused: {err}")
         self.set_image(image, e.file.name, note)

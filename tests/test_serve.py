@@ -502,3 +502,39 @@ if __name__ == "__main__":
     if shutil.which(CHROMIUM) is None:
         sys.exit(browser_missing())
     screenshot(Path(args.workdir), Path(args.out), Path(args.image), click=(60, 30))
+
+
+def test_an_upload_is_decoded_off_the_event_loop(monkeypatch):
+    """Tab.on_upload decodes in a worker thread (decoding a large upload on the server's event loop stalled
+    every other tab for seconds): the decode runs on another thread than the loop's, and its result reaches
+    set_image; a refused upload reaches fail with its message."""
+    import asyncio
+    import threading
+    import types
+
+    threads, shown, failed = [], [], []
+
+    def decode(data, name):
+        threads.append(threading.get_ident())
+        if data == b"bad":
+            raise ValueError("not an image")
+        return np.zeros((2, 3, 3), np.uint8), ""
+
+    monkeypatch.setattr(serve, "decode_image", decode)
+    tab = types.SimpleNamespace(upload=types.SimpleNamespace(reset=lambda: None), image_message="m",
+                                set_image=lambda image, name, note: shown.append((image.shape, name)),
+                                fail=lambda where, message: failed.append((where, message)))
+
+    def upload(data):
+        async def read():
+            return data
+        return types.SimpleNamespace(file=types.SimpleNamespace(read=read, name="x.png"))
+
+    async def main():
+        await serve.Tab.on_upload(tab, upload(b"png"))
+        await serve.Tab.on_upload(tab, upload(b"bad"))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert len(threads) == 2 and loop_thread not in threads
+    assert shown == [((2, 3, 3), "x.png")] and failed == [("m", "upload refused: not an image")]
