@@ -5,8 +5,10 @@ Conventions (MODEL.md section 7): labels are int maps with -1 = ignore; predicti
 accumulate on the accelerator (int32 by default: flush it into a `ConfusionMatrix` with `add_counts` before
 2**31 pixels accumulate in one cell, e.g. once per few thousand images).
 
-`compute_metrics` follows current detectron2: a class enters mIoU / mean accuracy only if it has ground-truth
-pixels (and a non-empty union); pixel accuracy = correct / labelled pixels; ignore pixels count nowhere.
+`compute_metrics` follows current detectron2 (SemSegEvaluator.evaluate): a class enters mIoU / mean accuracy
+only if it has ground-truth pixels (and a non-empty union); pixel accuracy = correct / labelled pixels; ignore
+pixels count nowhere. Given the class names it also returns detectron2's own keys (mIoU, fwIoU, IoU-<class>,
+mACC, pACC, ACC-<class>), which CAT-Seg's and SED's users' scripts read.
 """
 
 from __future__ import annotations
@@ -67,17 +69,26 @@ class ConfusionMatrix:
         return self.add_counts(other.counts)
 
 
-def compute_metrics(counts) -> dict:
+def compute_metrics(counts, class_names=None) -> dict:
     """detectron2 SemSegEvaluator metrics from `counts[gt, pred]`.
 
     Returns dict with (all percentages):
       mIoU, fwIoU, pixel_acc, mean_acc: floats;
       per_class_iou, per_class_acc: lists of length C with None for classes without ground-truth pixels;
-      num_labelled_pixels: int.
+      num_labelled_pixels: int;
+    and with `class_names` (C names) detectron2's keys, in its order: mIoU, fwIoU, IoU-<name>..., mACC (=
+    mean_acc), pACC (= pixel_acc), ACC-<name>...; a class without ground truth is None there (detectron2: NaN,
+    which strict JSON cannot hold).
     """
     counts = np.asarray(counts, np.int64)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
         raise ValueError(f"counts must be a square [C,C] matrix; got shape {counts.shape}")
+    if class_names is not None:
+        if len(class_names) != counts.shape[0]:
+            raise ValueError(f"{len(class_names)} class names for a {counts.shape[0]}-class confusion matrix")
+        if len(set(class_names)) != len(class_names):  # IoU-<name> keys would overwrite each other
+            raise ValueError("class names repeat, so IoU-<name> keys would collide: "
+                             f"{sorted({n for n in class_names if list(class_names).count(n) > 1})[:5]}")
     tp = np.diag(counts).astype(np.float64)
     pos_gt = counts.sum(axis=1).astype(np.float64)
     pos_pred = counts.sum(axis=0).astype(np.float64)
@@ -85,24 +96,28 @@ def compute_metrics(counts) -> dict:
     if labelled == 0:
         raise ValueError("the confusion matrix holds no labelled pixels: nothing was evaluated")
     union = pos_gt + pos_pred - tp
-    has_gt = pos_gt > 0
-    iou_valid = has_gt & (union > 0)
+    has_gt = pos_gt > 0  # detectron2's acc_valid
+    iou_valid = has_gt & (union > 0)  # detectron2's iou_valid (union > 0 follows from has_gt)
     acc = np.where(has_gt, tp / np.maximum(pos_gt, 1), np.nan)
     iou = np.where(iou_valid, tp / np.maximum(union, 1), np.nan)
-    weights = pos_gt / labelled
+    weights = pos_gt / labelled  # detectron2's class_weights
 
     def as_list(x, valid):
         return [float(100 * v) if ok else None for v, ok in zip(x, valid)]
 
-    return dict(
+    per_class_iou, per_class_acc = as_list(iou, iou_valid), as_list(acc, has_gt)
+    result = dict(
         mIoU=float(100 * iou[iou_valid].mean()),
         fwIoU=float(100 * np.sum(iou[iou_valid] * weights[iou_valid])),
-        pixel_acc=float(100 * tp.sum() / labelled),
-        mean_acc=float(100 * acc[has_gt].mean()),
-        per_class_iou=as_list(iou, iou_valid),
-        per_class_acc=as_list(acc, has_gt),
-        num_labelled_pixels=int(labelled),
     )
+    if class_names is not None:
+        result.update({f"IoU-{name}": v for name, v in zip(class_names, per_class_iou)})
+    result.update(mACC=float(100 * acc[has_gt].mean()), pACC=float(100 * tp.sum() / labelled))
+    if class_names is not None:
+        result.update({f"ACC-{name}": v for name, v in zip(class_names, per_class_acc)})
+    result.update(pixel_acc=result["pACC"], mean_acc=result["mACC"], per_class_iou=per_class_iou,
+                  per_class_acc=per_class_acc, num_labelled_pixels=int(labelled))
+    return result
 
 
 @jax.jit

@@ -51,6 +51,42 @@ def test_hand_worked_confusion_matrix():
     assert m["num_labelled_pixels"] == 5
 
 
+def test_detectron2_keys_on_a_hand_worked_matrix():
+    """detectron2's keys (mIoU, fwIoU, IoU-<class>, mACC, pACC, ACC-<class>) from a confusion matrix worked by hand.
+
+    counts[gt, pred]:     sky road car boat    gt pixels  tp  pred pixels  union       IoU          ACC
+      sky                  6    2   0   0          8       6      7        8+7-6 = 9  6/9 = 2/3    6/8 = 3/4
+      road                 1    3   0   2          6       3      6        6+6-3 = 9  3/9 = 1/3    3/6 = 1/2
+      car                  0    1   4   0          5       4      4        5+4-4 = 5  4/5          4/5
+      boat                 0    0   0   0          0       0      2        -          (no GT)      (no GT)
+    boat is predicted but has no ground truth: detectron2 leaves it out of every mean (IoU and ACC NaN, here
+    None). mIoU = (2/3 + 1/3 + 4/5) / 3 = 60 %; counting boat as an IoU of 0 would give 45 %.
+    fwIoU = (8 * 2/3 + 6 * 1/3 + 5 * 4/5) / 19 = (34/3) / 19 = 34/57 = 59.649 %.
+    mACC = (3/4 + 1/2 + 4/5) / 3 = 2.05 / 3 = 68.333 %; pACC = (6 + 3 + 4) / 19 = 13/19 = 68.421 %.
+    """
+    counts = np.array([[6, 2, 0, 0], [1, 3, 0, 2], [0, 1, 4, 0], [0, 0, 0, 0]])
+    names = ["sky", "road", "car", "boat"]
+    m = metrics.compute_metrics(counts, names)
+    assert m["mIoU"] == pytest.approx(60.0)
+    assert m["fwIoU"] == pytest.approx(100 * 34 / 57)  # 59.649
+    assert m["mACC"] == pytest.approx(100 * 2.05 / 3)  # 68.333
+    assert m["pACC"] == pytest.approx(100 * 13 / 19)  # 68.421
+    assert [m[f"IoU-{n}"] for n in names[:3]] == pytest.approx([100 * 2 / 3, 100 / 3, 80.0])
+    assert [m[f"ACC-{n}"] for n in names[:3]] == pytest.approx([75.0, 50.0, 80.0])
+    assert m["IoU-boat"] is None and m["ACC-boat"] is None
+    # detectron2's order; the project's own keys follow, equal where they mean the same thing.
+    assert list(m)[:2 * len(names) + 4] == (["mIoU", "fwIoU"] + [f"IoU-{n}" for n in names] + ["mACC", "pACC"]
+                                            + [f"ACC-{n}" for n in names])
+    assert (m["pixel_acc"], m["mean_acc"]) == (m["pACC"], m["mACC"])
+    assert m["per_class_iou"] == [m[f"IoU-{n}"] for n in names]
+    assert m["per_class_acc"] == [m[f"ACC-{n}"] for n in names]
+    assert not any(k.startswith(("IoU-", "ACC-")) for k in metrics.compute_metrics(counts))  # names not given
+    with pytest.raises(ValueError, match="3 class names for a 4-class"):
+        metrics.compute_metrics(counts, names[:3])
+    with pytest.raises(ValueError, match=r"keys would collide: \['sky'\]"):
+        metrics.compute_metrics(counts, ["sky", "road", "sky", "boat"])
+
+
 def test_voc20b_background_mapping():
     """VOC-20b: vocabulary ids >= 20 (here >= 2 of a 5-class vocabulary) are predictions of "background"."""
     table = metrics.background_mapping(5, 2)
@@ -78,11 +114,14 @@ def test_matches_detectron2_evaluator_on_random_data():
     cm = metrics.ConfusionMatrix(n)
     for p, g in zip(preds, gts):
         cm.update(p, np.where(g == 255, -1, g))
-    m = metrics.compute_metrics(cm.counts)
+    m = metrics.compute_metrics(cm.counts, [f"c{i}" for i in range(n)])
     for key in ("mIoU", "fwIoU", "mean_acc", "pixel_acc"):
         assert m[key] == pytest.approx(ref[key], abs=1e-9)
+    assert (m["mACC"], m["pACC"]) == pytest.approx((ref["mean_acc"], ref["pixel_acc"]), abs=1e-9)
     got_iou = np.array([np.nan if v is None else v for v in m["per_class_iou"]])
     np.testing.assert_allclose(got_iou, ref["iou"])  # NaN (None) exactly for the classes without GT
+    got_iou = np.array([np.nan if m[f"IoU-c{i}"] is None else m[f"IoU-c{i}"] for i in range(n)])
+    np.testing.assert_allclose(got_iou, ref["iou"])
 
 
 def test_streaming_merge_and_device_update_agree():
