@@ -93,9 +93,9 @@ def evaluate_dataset(segmenter: Segmenter, spec: str, *, data_root: str | None =
     for note in getattr(ds, "notes", lambda: [])():
         if distributed.is_primary():
             print(note, file=sys.stderr)
-    result = metrics_lib.compute_metrics(counts)
     label_names = (list(ds.class_names[:ds.num_label_classes - 1]) + ["background"]
                    if ds.num_label_classes != len(ds.class_names) else list(ds.class_names))
+    result = metrics_lib.compute_metrics(counts, label_names)  # with detectron2's keys, IoU-<class> and the rest
     unseen = list(getattr(ds, "unseen_classes", []) or [])
     if unseen:
         result.update(metrics_lib.seen_unseen(result["per_class_iou"], [n in unseen for n in label_names]))
@@ -144,6 +144,7 @@ def evaluate_datasets(segmenter: Segmenter, specs: list[str], *, workdir: Path, 
             write_result(Path(out_dir) / f"{result['dataset']}.json", result)
     if distributed.is_primary() and print_table:
         print(format_table({str(step): results}))
+        print(format_sem_seg(results))
     return results
 
 
@@ -191,6 +192,23 @@ def format_table(rows: dict[str, dict], *, label: str = "step") -> str:
             if "hIoU" in results[name]:
                 cells += ["-" if r.get(k) is None else f"{r[k]:.1f}" for k in ("mIoU_seen", "mIoU_unseen", "hIoU")]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SEM_SEG_KEYS = ("mIoU", "fwIoU", "mACC", "pACC")  # detectron2 SemSegEvaluator's summary keys, in its order
+
+
+def format_sem_seg(results: dict[str, dict]) -> str:
+    """detectron2's summary numbers per dataset: a markdown table, then the lines detectron2's test loop
+    and print_csv_format write (`copypaste:`, 4 decimals), which its users' scripts parse."""
+    lines = ["detectron2 SemSegEvaluator (%)", "| dataset | " + " | ".join(SEM_SEG_KEYS) + " |",
+             "|" + "---|" * (len(SEM_SEG_KEYS) + 1)]
+    lines += [f"| {TABLE_NAMES.get(name, name)} | " + " | ".join(f"{r[k]:.1f}" for k in SEM_SEG_KEYS) + " |"
+              for name, r in results.items()]
+    for name, r in results.items():
+        lines += [f"Evaluation results for {name} in csv format:", "copypaste: Task: sem_seg",
+                  "copypaste: " + ",".join(SEM_SEG_KEYS),
+                  "copypaste: " + ",".join(f"{r[k]:.4f}" for k in SEM_SEG_KEYS)]
     return "\n".join(lines)
 
 

@@ -90,9 +90,11 @@ def ground_truth(data_dir, stem) -> np.ndarray:
 
 
 def reference_metrics(pairs, num_classes):
-    """mIoU / pixel accuracy / per-class IoU (percent) from (prediction, ground truth) maps, in plain numpy.
+    """mIoU / fwIoU / pixel and mean accuracy / per-class IoU and accuracy (percent) from (prediction, ground
+    truth) maps, in plain numpy.
 
-    Ignored pixels (-1) count nowhere; a class enters the mean only if it has ground-truth pixels.
+    Ignored pixels (-1) count nowhere; a class enters the means only if it has ground-truth pixels; fwIoU weighs
+    each class's IoU by its share of the labelled pixels.
     """
     confusion = np.zeros((num_classes, num_classes), np.int64)  # [gt, pred]
     for pred, gt in pairs:
@@ -102,8 +104,11 @@ def reference_metrics(pairs, num_classes):
     gt_pixels, pred_pixels = confusion.sum(1), confusion.sum(0)
     has_gt = gt_pixels > 0
     iou = [100.0 * tp[c] / (gt_pixels[c] + pred_pixels[c] - tp[c]) if has_gt[c] else None for c in range(num_classes)]
+    acc = [100.0 * tp[c] / gt_pixels[c] if has_gt[c] else None for c in range(num_classes)]
     return dict(mIoU=float(np.mean([v for v in iou if v is not None])),
-                pixel_acc=100.0 * tp.sum() / gt_pixels.sum(), per_class_iou=iou)
+                fwIoU=sum(v * gt_pixels[c] for c, v in enumerate(iou) if v is not None) / gt_pixels.sum(),
+                mean_acc=float(np.mean([v for v in acc if v is not None])),
+                pixel_acc=100.0 * tp.sum() / gt_pixels.sum(), per_class_iou=iou, per_class_acc=acc)
 
 
 def without_backend_line(err: str) -> str:
@@ -174,6 +179,21 @@ def test_evaluate_writes_the_result_json_and_prints_the_table(run, results, mode
     cells = [f"{result['mIoU']:.1f}"] + ["-" if result[k] is None else f"{result[k]:.1f}"
                                          for k in ("mIoU_seen", "mIoU_unseen", "hIoU")]
     assert lines[header + 2] == "| 4 | " + " | ".join(cells) + " |"
+    # detectron2's keys (issue 34): one IoU-/ACC-<class> per class name, the same numbers as the project's keys.
+    names = result["class_names"]
+    assert names == classes
+    assert [result[f"IoU-{n}"] for n in names] == result["per_class_iou"]
+    assert [result[f"ACC-{n}"] for n in names] == result["per_class_acc"]
+    assert result["mIoU"] == pytest.approx(np.mean([result[f"IoU-{n}"] for n in names if result[f"IoU-{n}"] is not None]))
+    assert (result["mACC"], result["pACC"]) == (result["mean_acc"], result["pixel_acc"])
+    # ... and printed as detectron2 prints them: a table, then its copypaste lines.
+    sem_seg = lines.index("detectron2 SemSegEvaluator (%)")
+    assert lines[sem_seg + 1:sem_seg + 4] == [
+        "| dataset | mIoU | fwIoU | mACC | pACC |", "|---|---|---|---|---|",
+        "| toy_world | " + " | ".join(f"{result[k]:.1f}" for k in ("mIoU", "fwIoU", "mACC", "pACC")) + " |"]
+    assert lines[sem_seg + 4:sem_seg + 8] == [
+        "Evaluation results for toy_world in csv format:", "copypaste: Task: sem_seg", "copypaste: mIoU,fwIoU,mACC,pACC",
+        "copypaste: " + ",".join(f"{result[k]:.4f}" for k in ("mIoU", "fwIoU", "mACC", "pACC"))]
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
@@ -197,10 +217,15 @@ def test_evaluate_miou_equals_numpy_miou_from_predict_label_maps(run, results, m
     _, _, result = results[mode]
     assert result["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-9)
     assert result["pixel_acc"] == pytest.approx(expected["pixel_acc"], abs=1e-9)
-    for got, want in zip(result["per_class_iou"], expected["per_class_iou"]):
-        assert (got is None) == (want is None)
-        if want is not None:
-            assert got == pytest.approx(want, abs=1e-9)
+    for key, want in (("pACC", "pixel_acc"), ("mACC", "mean_acc"), ("fwIoU", "fwIoU")):  # detectron2's keys
+        assert result[key] == pytest.approx(expected[want], abs=1e-9), key
+    for i, name in enumerate(dataset_classes(data_dir)):
+        for got, want in ((result["per_class_iou"][i], expected["per_class_iou"][i]),
+                          (result[f"IoU-{name}"], expected["per_class_iou"][i]),
+                          (result[f"ACC-{name}"], expected["per_class_acc"][i])):
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert got == pytest.approx(want, abs=1e-9)
 
 
 def test_subprocess_with_a_chosen_checkpoint(run):
