@@ -7,7 +7,8 @@ r"""Segment your own images with your own classes.
 
 For each image it writes <stem>_labels.png (class ids; 16-bit when the vocabulary has more than 255
 classes), <stem>_overlay.png (colour overlay with a legend of the classes present) and <stem>.json
-(the classes present with their pixel fractions). --classes separates classes with commas; use
+(the classes present with their pixel fractions, and how many classes category selection chose and
+how many of those did not fit eval.num_slots: a warning names each image that lost some). --classes separates classes with commas; use
 --classes-file (one class per line, or a JSON list) for names with synonyms ("building, edifice").
 An image that cannot be read is named and skipped; the others are still written, and the exit
 status is then 1. The inference path is the evaluator's (dcp_jax.segmenter), so both give the same
@@ -130,16 +131,29 @@ def predict_files(segmenter: Segmenter, paths: list[Path], class_names: list[str
             errors.append(str(e))
             continue
         labels = segmenter.segment([image])[0]
+        slots = segmenter.last_slots  # one image per call: its own selection (None for zero-shot: no selection)
         labels_png, overlay_png, summary_json = (out_dir / n for n in output_names(path))
         visualize.save_label_png(labels, labels_png, len(class_names))
         visualize.save_png(visualize.overlay(image, labels, class_names), overlay_png)
         summary = {"written_by": WRITTEN_BY, "image": str(path), "height": int(labels.shape[0]),
                    "width": int(labels.shape[1]),
                    "classes": visualize.class_summary(labels, class_names), "vocabulary": class_names,
-                   "zero_shot": segmenter.zero_shot, "step": segmenter.step}
+                   "zero_shot": segmenter.zero_shot, "step": segmenter.step,
+                   # As evaluate and the page count them: classes selected, and those beyond the slot cap.
+                   "selected_classes": None if slots is None else int(slots["selected"]),
+                   "dropped_classes": None if slots is None else int(slots["dropped"][0]),
+                   "num_slots": int(segmenter.config.eval.num_slots)}
         files.write_json(summary_json, summary)
         summaries.append(summary)
     return summaries, errors
+
+
+def dropped_warning(summary: dict) -> str:
+    """The line predict prints for an image whose selected classes did not all fit eval.num_slots."""
+    return (f"[dcp_jax.predict] warning: {summary['image']}: {summary['dropped_classes']} of the "
+            f"{summary['selected_classes']} classes selected were not decoded, beyond "
+            f"eval.num_slots={summary['num_slots']} (those with the fewest patch votes); they cannot appear in "
+            "its labels. Raise --config.eval.num_slots (0 = every class) to decode them.")
 
 
 def main(argv=None) -> int:
@@ -182,6 +196,8 @@ def main(argv=None) -> int:
         for s in summaries:
             present = ", ".join(f"{c['name']} {100 * c['fraction']:.1f}%" for c in s["classes"][:8])
             print(f"{s['image']}: {present}")
+            if s["dropped_classes"]:
+                print(dropped_warning(s), file=sys.stderr)
         for error in errors:
             print(f"{cmd.prog}: error: {error}; skipped", file=sys.stderr)
         return 1 if errors else 0

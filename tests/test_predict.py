@@ -118,6 +118,45 @@ def test_more_than_255_classes_give_16_bit_labels(run, segmenter, tmp_path, caps
     np.testing.assert_array_equal(labels, segmenter.segment([val_image(data_dir, VAL_STEMS[1])])[0])
 
 
+def test_predict_reports_selection_and_warns_when_classes_are_dropped(run, segmenter, tmp_path, capsys):
+    """Each <stem>.json counts the classes category selection chose and those beyond eval.num_slots, equal to
+    what the Segmenter reports for the page (segment_details: the decoded ids and the dropped count). A cap of 1
+    drops classes: one warning line per image that lost some, naming it and the key to raise; no cap (0) drops
+    none and says nothing."""
+    workdir, data_dir = run
+    classes = dataset_classes(data_dir)
+    for cap in (1, 0):
+        out = tmp_path / f"cap_{cap}"
+        code, _, err = run_predict(capsys, "--workdir", workdir, "--image", data_dir / "images" / "val",
+                                   "--classes-file", data_dir / "classes.json", "--out-dir", out,
+                                   f"--config.eval.num_slots={cap}")
+        assert code == 0, err
+        summaries = {stem: json.loads((out / f"{stem}.json").read_text()) for stem in VAL_STEMS}
+        segmenter.set_vocabulary(classes)
+        num_slots = segmenter.config.eval.num_slots
+        segmenter.config.eval.num_slots = cap
+        try:
+            details = {stem: segmenter.segment_details(val_image(data_dir, stem)) for stem in VAL_STEMS}
+        finally:
+            segmenter.config.eval.num_slots = num_slots
+        for stem, summary in summaries.items():
+            assert summary["num_slots"] == cap
+            assert summary["dropped_classes"] == details[stem]["dropped"]
+            assert summary["selected_classes"] == len(details[stem]["selected"]) + details[stem]["dropped"]
+            if cap:  # what was decoded fits the cap; the rest was dropped
+                assert len(details[stem]["selected"]) == cap
+        warned = [line for line in err.splitlines() if "warning" in line]
+        dropping = [s for s in summaries.values() if s["dropped_classes"]]
+        if cap == 0:
+            assert not dropping and warned == [], err
+            continue
+        assert dropping, "a cap of 1 must drop classes for this test to mean anything"
+        assert warned == [predict.dropped_warning(s) for s in dropping]
+        for s, line in zip(dropping, warned):
+            assert f"{s['image']}: {s['dropped_classes']} of the {s['selected_classes']} classes selected" in line
+            assert "eval.num_slots=1" in line and "Raise --config.eval.num_slots (0 = every class)" in line
+
+
 def test_zero_shot_baseline(run, tmp_path, capsys):
     workdir, data_dir = run
     image = data_dir / "images" / "val" / f"{VAL_STEMS[0]}.png"
@@ -127,6 +166,7 @@ def test_zero_shot_baseline(run, tmp_path, capsys):
     check_outputs(tmp_path, VAL_STEMS[0], val_image(data_dir, VAL_STEMS[0]), dataset_classes(data_dir))
     summary = json.loads((tmp_path / f"{VAL_STEMS[0]}.json").read_text())
     assert summary["zero_shot"] is True and summary["step"] == 0
+    assert summary["selected_classes"] is None and summary["dropped_classes"] is None  # no selection to count
 
 
 def test_class_lists(tmp_path):
