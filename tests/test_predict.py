@@ -99,8 +99,12 @@ def test_one_image_with_classes_from_the_command_line(run, tmp_path, capsys):
                                  "--out-dir", tmp_path / "out", "--checkpoint", 2)
     assert code == 0, err
     check_outputs(tmp_path / "out", VAL_STEMS[0], val_image(data_dir, VAL_STEMS[0]), vocabulary)
-    assert json.loads((tmp_path / "out" / f"{VAL_STEMS[0]}.json").read_text())["step"] == 2
+    summary = json.loads((tmp_path / "out" / f"{VAL_STEMS[0]}.json").read_text())
+    assert summary["step"] == 2
     assert str(image) in out and "%" in out  # a one-line summary per image
+    # A few of the 28 classes selected, all within the run's cap of 8: nothing dropped, no warning.
+    assert 0 < summary["selected_classes"] <= summary["num_slots"] == 8 and summary["dropped_classes"] == 0
+    assert "warning" not in err
 
 
 def test_more_than_255_classes_give_16_bit_labels(run, segmenter, tmp_path, capsys):
@@ -118,43 +122,42 @@ def test_more_than_255_classes_give_16_bit_labels(run, segmenter, tmp_path, caps
     np.testing.assert_array_equal(labels, segmenter.segment([val_image(data_dir, VAL_STEMS[1])])[0])
 
 
-def test_predict_reports_selection_and_warns_when_classes_are_dropped(run, segmenter, tmp_path, capsys):
+def test_predict_reports_selection_and_warns_when_classes_are_dropped(run, segmenter, tmp_path, capsys,
+                                                                      tmp_path_factory):
     """Each <stem>.json counts the classes category selection chose and those beyond eval.num_slots, equal to
     what the Segmenter reports for the page (segment_details: the decoded ids and the dropped count). A cap of 1
-    drops classes: one warning line per image that lost some, naming it and the key to raise; no cap (0) drops
-    none and says nothing."""
+    drops classes: one warning line per image that lost some, naming it and the key to raise. The run's own cap
+    (8) drops none here (the silent case: test_one_image_with_classes_from_the_command_line)."""
     workdir, data_dir = run
     classes = dataset_classes(data_dir)
-    for cap in (1, 0):
-        out = tmp_path / f"cap_{cap}"
-        code, _, err = run_predict(capsys, "--workdir", workdir, "--image", data_dir / "images" / "val",
-                                   "--classes-file", data_dir / "classes.json", "--out-dir", out,
-                                   f"--config.eval.num_slots={cap}")
-        assert code == 0, err
-        summaries = {stem: json.loads((out / f"{stem}.json").read_text()) for stem in VAL_STEMS}
-        segmenter.set_vocabulary(classes)
-        num_slots = segmenter.config.eval.num_slots
+    code, _, err = run_predict(capsys, "--workdir", workdir, "--image", data_dir / "images" / "val",
+                               "--classes-file", data_dir / "classes.json", "--out-dir", tmp_path,
+                               "--config.eval.num_slots=1")
+    assert code == 0, err
+    default_cap = segmenter.config.eval.num_slots
+    segmenter.set_vocabulary(classes)
+    written = {}
+    for cap, out in ((1, tmp_path), (default_cap, predicted(tmp_path_factory, "whole"))):
+        summaries = written[cap] = [json.loads((out / f"{stem}.json").read_text()) for stem in VAL_STEMS]
         segmenter.config.eval.num_slots = cap
         try:
-            details = {stem: segmenter.segment_details(val_image(data_dir, stem)) for stem in VAL_STEMS}
+            details = [segmenter.segment_details(val_image(data_dir, stem)) for stem in VAL_STEMS]
         finally:
-            segmenter.config.eval.num_slots = num_slots
-        for stem, summary in summaries.items():
+            segmenter.config.eval.num_slots = default_cap
+        for summary, detail in zip(summaries, details):
             assert summary["num_slots"] == cap
-            assert summary["dropped_classes"] == details[stem]["dropped"]
-            assert summary["selected_classes"] == len(details[stem]["selected"]) + details[stem]["dropped"]
-            if cap:  # what was decoded fits the cap; the rest was dropped
-                assert len(details[stem]["selected"]) == cap
-        warned = [line for line in err.splitlines() if "warning" in line]
-        dropping = [s for s in summaries.values() if s["dropped_classes"]]
-        if cap == 0:
-            assert not dropping and warned == [], err
-            continue
-        assert dropping, "a cap of 1 must drop classes for this test to mean anything"
-        assert warned == [predict.dropped_warning(s) for s in dropping]
-        for s, line in zip(dropping, warned):
-            assert f"{s['image']}: {s['dropped_classes']} of the {s['selected_classes']} classes selected" in line
-            assert "eval.num_slots=1" in line and "Raise --config.eval.num_slots (0 = every class)" in line
+            assert summary["dropped_classes"] == detail["dropped"]
+            assert summary["selected_classes"] == len(detail["selected"]) + detail["dropped"]
+            assert summary["dropped_classes"] == max(0, summary["selected_classes"] - cap)
+        if cap == default_cap:
+            assert not any(s["dropped_classes"] for s in summaries)
+    dropping = [s for s in written[1] if s["dropped_classes"]]
+    assert dropping, "a cap of 1 must drop classes for this test to mean anything"
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert warned == [predict.dropped_warning(s) for s in dropping]
+    for s, line in zip(dropping, warned):
+        assert f"{s['image']}: {s['dropped_classes']} of the {s['selected_classes']} classes selected" in line
+        assert "eval.num_slots=1" in line and "Raise --config.eval.num_slots (0 = every class)" in line
 
 
 def test_zero_shot_baseline(run, tmp_path, capsys):
