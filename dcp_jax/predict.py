@@ -8,8 +8,9 @@ r"""Segment your own images with your own classes.
 For each image it writes <stem>_labels.png (class ids; 16-bit when the vocabulary has more than 255
 classes), <stem>_overlay.png (colour overlay with a legend of the classes present) and <stem>.json
 (the classes present with their pixel fractions, and how many classes category selection chose and
-how many of those did not fit eval.num_slots: a warning names each image that lost some). --classes separates classes with commas; use
---classes-file (one class per line, or a JSON list) for names with synonyms ("building, edifice").
+how many of those did not fit eval.num_slots: a warning names each image that lost some).
+--classes separates classes with commas; use --classes-file (one class per line, or a JSON list)
+for names with synonyms ("building, edifice").
 An image that cannot be read is named and skipped; the others are still written, and the exit
 status is then 1. The inference path is the evaluator's (dcp_jax.segmenter), so both give the same
 labels. The workdir's config applies, with any --config.KEY=VALUE overrides (e.g.

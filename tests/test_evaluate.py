@@ -184,7 +184,8 @@ def test_evaluate_writes_the_result_json_and_prints_the_table(run, results, mode
     assert names == classes
     assert [result[f"IoU-{n}"] for n in names] == result["per_class_iou"]
     assert [result[f"ACC-{n}"] for n in names] == result["per_class_acc"]
-    assert result["mIoU"] == pytest.approx(np.mean([result[f"IoU-{n}"] for n in names if result[f"IoU-{n}"] is not None]))
+    scored = [result[f"IoU-{n}"] for n in names if result[f"IoU-{n}"] is not None]
+    assert result["mIoU"] == pytest.approx(np.mean(scored))
     assert (result["mACC"], result["pACC"]) == (result["mean_acc"], result["pixel_acc"])
     # ... and printed as detectron2 prints them: a table, then its copypaste lines.
     sem_seg = lines.index("detectron2 SemSegEvaluator (%)")
@@ -192,7 +193,8 @@ def test_evaluate_writes_the_result_json_and_prints_the_table(run, results, mode
         "| dataset | mIoU | fwIoU | mACC | pACC |", "|---|---|---|---|---|",
         "| toy_world | " + " | ".join(f"{result[k]:.1f}" for k in ("mIoU", "fwIoU", "mACC", "pACC")) + " |"]
     assert lines[sem_seg + 4:sem_seg + 8] == [
-        "Evaluation results for toy_world in csv format:", "copypaste: Task: sem_seg", "copypaste: mIoU,fwIoU,mACC,pACC",
+        "Evaluation results for toy_world in csv format:", "copypaste: Task: sem_seg",
+        "copypaste: mIoU,fwIoU,mACC,pACC",
         "copypaste: " + ",".join(f"{result[k]:.4f}" for k in ("mIoU", "fwIoU", "mACC", "pACC"))]
 
 
