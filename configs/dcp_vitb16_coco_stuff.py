@@ -70,7 +70,9 @@ def get_config(arg=None):
     c.text = ml_collections.ConfigDict()
     c.text.templates = "imagenet80"  # "imagenet80" (P = 80, the paper) | "single" (P = 1, CAT-Seg)
     c.text.batch_size = 256  # prompts per text-encoder call when embedding a vocabulary
-    c.text.finetune_rows = 64  # text_finetune / prompt=context: classes re-encoded per step (>= the batch's slots)
+    # text_finetune / prompt=context: classes re-encoded per step; training refuses fewer than a batch's slots,
+    # train.batch_size x model.dcs.num_slots = 4 x 32 (0 = every class of the vocabulary)
+    c.text.finetune_rows = 128
 
     # --- the DCP head (MODEL.md sections 2-5) ---
     c.model = ml_collections.ConfigDict()
@@ -163,6 +165,7 @@ def get_config(arg=None):
     if arg.tpu:  # a TPU slice: larger global batch, same images seen (TPU_BATCH above)
         scale = TPU_BATCH // PAPER_BATCH
         c.train.batch_size = TPU_BATCH
+        c.text.finetune_rows = 0  # 16 x 32 slots: every class (COCO-Stuff has 171)
         c.optim.lr = c.optim.lr * scale**0.5
         c.total_steps //= scale
         c.checkpoint_every_steps //= scale

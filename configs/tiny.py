@@ -32,7 +32,7 @@ def get_config(arg=None):
     c.clip.image_size = 64  # 8x8 patch grid with the tiny patch size 8
     c.clip.guidance_layers = (1, 2)
     c.text.templates = arg.templates
-    c.text.finetune_rows = 16
+    c.text.finetune_rows = c.train.batch_size * arg.num_slots  # every slot of a batch (num_slots 0: every class)
     c.model.hidden_dim = 32
     c.model.dcs.num_slots = arg.num_slots
     c.model.decoder.update(window=4, dims=(32, 16), attn_dim=16, shallow_qk_dim=16, shallow_dims=(32, 16),

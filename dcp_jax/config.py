@@ -32,6 +32,31 @@ def text_finetune(config) -> str:
     return value
 
 
+def reencodes_text(config) -> bool:
+    """Whether training re-encodes the slots' text with the text tower (a learnt context or text fine-tuning)."""
+    return config.model.guidance.prompt == "context" or text_finetune(config) != "none"
+
+
+def check_finetune_rows(config, num_classes: int | None = None) -> None:
+    """Training re-encodes the text of the batch's slot classes into `text.finetune_rows` rows (0 = every class).
+    A class left over would silently train on the frozen embeddings instead, so a config whose rows cannot hold
+    every slot of a batch is refused: it needs train.batch_size x model.dcs.num_slots rows, or, with num_slots 0
+    (every class a slot), the vocabulary's `num_classes` (checked once that is known)."""
+    rows = int(config.text.finetune_rows)
+    if not reencodes_text(config) or rows == 0:
+        return
+    batch, slots = int(config.train.batch_size), int(config.model.dcs.num_slots)
+    if slots:
+        needed, why = batch * slots, f"train.batch_size={batch} x model.dcs.num_slots={slots} slots"
+    elif num_classes is not None:
+        needed, why = num_classes, f"model.dcs.num_slots=0 makes each of the {num_classes} classes a slot"
+    else:
+        return
+    if rows < needed:
+        raise ValueError(f"config.text.finetune_rows={rows} cannot re-encode the text of a batch's slot classes "
+                         f"({why}); set text.finetune_rows >= {needed}, or 0 to re-encode every class")
+
+
 # Numeric keys and their allowed ranges (low, high; None = unbounded), checked at start-up by every
 # command (runtime.start): a value out of range is a one-line error instead of a silent nonsense run.
 RANGES = {

@@ -135,10 +135,12 @@ class Segmenter:
         self._cost_text = self._text_embeds  # what the head's cost volume reads
         self._class_valid = put(np.ones(count, bool), False) if self.pad_classes else None
         if not self.zero_shot and config_lib.text_finetune(self.config) == "cost":
-            # The cost volume was trained on the trained text tower's embeddings; selection keeps the frozen ones.
+            # The cost volume was trained on the trained text tower's embeddings of each class's first synonym
+            # (text.template_tokens, as CAT-Seg): the same text here. Selection keeps the frozen synonym mean.
             trained = clip_lib.with_compute(nnx.merge(self._graphdef, self._params).clip, jnp.float32)
             cost = text_lib.embed_vocabulary(trained, self.tokenizer, class_names, self.config.text.templates,
-                                             batch_size=self.config.text.batch_size, cache_dir=self.text_cache_dir)
+                                             batch_size=self.config.text.batch_size, cache_dir=self.text_cache_dir,
+                                             synonyms="first")
             self._cost_text = put(cost)
         if not self.zero_shot:
             # Padded first, so the eager mean's shape (a program of its own) is the padded one; per row, the same.

@@ -4,6 +4,11 @@
 into P prompt templates; comma-separated synonyms ("building, edifice") are embedded separately, averaged and
 renormalised. With the text tower frozen, T depends only on (text weights, class list, templates), so it is cached on
 disk under a fingerprint of exactly those and a second call is a file read.
+
+The text that a trained text tower encodes (`clip.text_finetune`) is a class's FIRST synonym, in training
+(`guidance_tokens`, `template_tokens`) and at inference (`embed_vocabulary(..., synonyms="first")`): CAT-Seg's
+trained-text path (`get_text_embeds`) encodes `name.split(", ")[0]` in both places, so the tower is tested on the
+text it was trained on. Only the frozen tower's embeddings (selection, tag validation) average the synonyms.
 """
 
 from __future__ import annotations
@@ -151,6 +156,18 @@ def split_synonyms(class_name: str) -> list[str]:
     return names
 
 
+SYNONYMS = ("all", "first")
+
+
+def class_texts(class_name: str, synonyms: str = "all") -> list[str]:
+    """The names a class is embedded by: every synonym ("all", averaged; the frozen tower), or the first only
+    ("first"; what the trained text tower is trained and tested on, as in CAT-Seg)."""
+    if synonyms not in SYNONYMS:
+        raise ValueError(f"synonyms={synonyms!r}: expected one of {SYNONYMS}")
+    names = split_synonyms(class_name)
+    return names[:1] if synonyms == "first" else names
+
+
 def _name_keys(name: str) -> set[str]:
     """A class name counts by its full string and by its first synonym ("building, edifice" -> "building")."""
     normalise = lambda n: " ".join(n.lower().split())  # noqa: E731
@@ -214,10 +231,12 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256
 
 
 def embed_vocabulary(model, tokenizer, class_names: Sequence[str], templates="imagenet80", *,
-                     batch_size: int = 256, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+                     batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
+                     synonyms: str = "all") -> np.ndarray:
     """Text embeddings T [C,P,D] float32 of every class in every template, each row L2-normalised.
 
-    Synonyms ("building, edifice") are embedded separately, averaged and renormalised. Results are cached in
+    Synonyms ("building, edifice") are embedded separately, averaged and renormalised; with synonyms="first"
+    only the first is embedded (the trained tower's text, the prompts of `template_tokens`). Results are cached in
     `cache_dir` (default $DCP_JAX_CACHE/text_embeddings; $DCP_JAX_CACHE defaults to ~/.cache/dcp_jax) keyed by
     the text-tower weights, the class list and the templates.
     """
@@ -227,8 +246,11 @@ def embed_vocabulary(model, tokenizer, class_names: Sequence[str], templates="im
     if not class_names:
         raise ValueError("class_names is empty")
     templates = _resolve_templates(templates)
-    key = hashlib.sha256(json.dumps({"model": text_fingerprint(model), "classes": class_names,
-                                     "templates": templates}).encode()).hexdigest()[:32]
+    texts = [class_texts(name, synonyms) for name in class_names]
+    fields = {"model": text_fingerprint(model), "classes": class_names, "templates": templates}
+    if synonyms != "all":  # the key of the synonym mean stays what it was: existing caches stay valid
+        fields["synonyms"] = synonyms
+    key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
     cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{key}.npy"
     if cache_file.exists():
         try:
@@ -239,9 +261,9 @@ def embed_vocabulary(model, tokenizer, class_names: Sequence[str], templates="im
             return cached
 
     prompts, owner = [], []  # owner[i] = (class index, template index) of prompt i
-    for c, name in enumerate(class_names):
+    for c, names in enumerate(texts):
         for p, template in enumerate(templates):
-            for synonym in split_synonyms(name):
+            for synonym in names:
                 prompts.append(template.format(synonym))
                 owner.append((c, p))
     emb = embed_texts(model, tokenizer, prompts, batch_size=batch_size,
@@ -269,11 +291,11 @@ def guidance_tokens(tokenizer, class_names: Sequence[str], *, num_context: int =
 
     Each prompt is [start, num_context placeholders, the template's tokens, end]; the placeholders are
     where the learnt context vectors go (CoOp; `CLIPModel.encode_text_tokens(context=...)`). Only a
-    class's first synonym is used (as CAT-Seg's trained-text path). Rows are cut to the longest
-    prompt: the causal text tower pools at the end token, so trailing padding changes nothing.
-    Returns (input_ids, attention_mask) int32 [C, L].
+    class's first synonym is used (as CAT-Seg's trained-text path), in training and at inference. Rows
+    are cut to the longest prompt: the causal text tower pools at the end token, so trailing padding
+    changes nothing. Returns (input_ids, attention_mask) int32 [C, L].
     """
-    prompts = [TEMPLATES["single"][0].format(split_synonyms(name)[0]) for name in class_names]
+    prompts = [TEMPLATES["single"][0].format(class_texts(name, "first")[0]) for name in class_names]
     ids, mask = tokenize(tokenizer, prompts, context_length=context_length - num_context)
     if num_context:
         bos = tokenizer.bos_token_id  # a placeholder id that is neither the end token nor padding
@@ -288,15 +310,16 @@ def template_tokens(tokenizer, class_names: Sequence[str], templates="imagenet80
                     context_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
     """Every class in every template, for re-encoding the cost volume's text in training
     (clip.text_finetune = "cost"): (input_ids, attention_mask) int32 [C,P,L], cut to the longest prompt.
-    A class's first synonym only, as CAT-Seg's trained-text path."""
+    A class's first synonym only, as CAT-Seg's trained-text path: the prompts that inference embeds with
+    the trained tower (`embed_vocabulary(..., synonyms="first")`, dcp_jax/segmenter.py)."""
     templates = _resolve_templates(templates)
-    prompts = [template.format(split_synonyms(name)[0]) for name in class_names for template in templates]
+    prompts = [template.format(class_texts(name, "first")[0]) for name in class_names for template in templates]
     ids, mask = tokenize(tokenizer, prompts, context_length=context_length)
     length = int(mask.sum(axis=1).max())
     shape = (len(class_names), len(templates), length)
     return ids[:, :length].reshape(shape), mask[:, :length].reshape(shape)
 
 
-__all__ = ["IMAGENET_TEMPLATES", "TEMPLATES", "default_cache_dir", "embed_texts", "embed_vocabulary",
+__all__ = ["IMAGENET_TEMPLATES", "SYNONYMS", "TEMPLATES", "class_texts", "default_cache_dir", "embed_texts", "embed_vocabulary",
            "guidance_tokens", "load_tokenizer", "seen_mask", "split_synonyms", "template_tokens", "text_fingerprint",
            "tokenize"]

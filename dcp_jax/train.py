@@ -334,6 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = Path(workdir).absolute()
     files.check_writable_dir(workdir, "--workdir")
     check_profile(profile, profile_steps, config)
+    config_lib.check_finetune_rows(config)  # too few re-encoded text rows for a batch's slots: before any work
     workdir.mkdir(parents=True, exist_ok=True)
     config = config_lib.resolve_workdir(config, workdir)
     optim.parameter_rules(config)  # a bad rule fails before any work
@@ -385,6 +386,7 @@ def _train(config, workdir: Path, devices, stop_after_steps, profile=None,
     maybe_write_synthetic(config, workdir)
     train_ds = datasets_lib.open_dataset(config.train.dataset, "train", config.train.data_root or None)
     class_names = list(train_ds.class_names)
+    config_lib.check_finetune_rows(config, len(class_names))  # num_slots 0: every class is a slot
 
     # --- CLIP, text embeddings, model, optimizer ---
     clip_path = clip_checkpoint_path(config, workdir, create=True)

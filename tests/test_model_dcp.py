@@ -146,6 +146,41 @@ def test_config_errors_name_the_key():
         nnx.eval_shape(lambda m: m(jnp.zeros((1, 64, 64, 3)), jnp.zeros((4, 3, 16)), num_slots=2), abstract)
 
 
+def test_too_few_reencoded_text_rows_for_a_batch_are_refused_at_start(tmp_path, capsys):
+    """Training re-encodes the slot classes' text into text.finetune_rows rows; a class beyond them would train on
+    the frozen embeddings. A config whose rows cannot hold a batch's slots is refused before any work, on one line
+    naming the keys and the number it needs (issue 34); every recipe, in every text-training mode, starts."""
+    from dcp_jax import config as config_lib
+    from dcp_jax import train
+    from dcp_jax.configs import demo, dcp_vitl14_coco_stuff
+
+    workdir = tmp_path / "w"
+    code = train.main(["--config", "configs/tiny.py", "--workdir", str(workdir), "--config.clip.text_finetune=cost",
+                       "--config.text.finetune_rows=16"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "[dcp_jax] jax " not in line]
+    assert code == 2 and lines == [
+        "python -m dcp_jax.train: error: config.text.finetune_rows=16 cannot re-encode the text of a batch's slot classes (train.batch_size=4 x "
+        "model.dcs.num_slots=8 slots); set text.finetune_rows >= 32, or 0 to re-encode every class"], lines
+    assert not workdir.exists()
+
+    modes = ({"clip.text_finetune": "guidance"}, {"clip.text_finetune": "cost"}, {"model.guidance.prompt": "context"})
+    recipes = [dcp_vitb16_coco_stuff.get_config(), dcp_vitb16_coco_stuff.get_config("tpu"),
+               dcp_vitl14_coco_stuff.get_config(), tiny.get_config(), tiny.get_config("num_slots=0"), demo.get_config()]
+    for recipe in recipes:
+        for mode in modes:
+            recipe.update_from_flattened_dict(mode)
+            config_lib.check_finetune_rows(recipe, 171)  # COCO-Stuff's vocabulary
+            config_lib.check_finetune_rows(recipe, 847)
+    # num_slots 0: every class is a slot, so the vocabulary decides (once the dataset is open)
+    every = small_config(**{"clip.text_finetune": "cost", "model.dcs.num_slots": 0, "text.finetune_rows": 16})
+    config_lib.check_finetune_rows(every)
+    config_lib.check_finetune_rows(every, 16)
+    with pytest.raises(ValueError, match=r"num_slots=0 makes each of the 24 classes a slot\); set "
+                                         r"text.finetune_rows >= 24, or 0"):
+        config_lib.check_finetune_rows(every, 24)
+    config_lib.check_finetune_rows(small_config(**{"model.guidance.prompt": "tokens", "text.finetune_rows": 1}))
+
+
 # ----------------------------------------------------------------------------------------------- slots
 def test_invalid_slots_filled_with_garbage_change_no_valid_output(model):
     imgs = images(2)
@@ -288,6 +323,42 @@ def test_cost_text_finetune_reencodes_the_cost_volume_text_with_the_trained_towe
     q = "clip/text_model/encoder/layers/0/self_attn/q_proj/kernel"
     assert np.abs(np.asarray(dict(flat_params(grads))[q].get_value())).max() > 0
     assert np.abs(np.asarray(dict(flat_params(plain_grads))[q].get_value())).max() == 0
+
+
+def test_cost_text_of_classes_with_synonyms_is_the_same_in_training_and_at_inference(tmp_path):
+    """clip.text_finetune = "cost" on ADE-847 names with synonyms ("building, edifice"): the cost-volume rows that
+    the train step re-encodes for the slot classes equal those that the Segmenter's cost volume reads for the
+    same classes (both the trained tower on the first synonym, as CAT-Seg); the synonym mean, which inference
+    read before issue 34, is another text."""
+    from dcp_jax import text as text_lib
+    from dcp_jax.data import classnames
+    from dcp_jax.models.clip import with_compute
+    from dcp_jax.models.tiny_clip import tiny_tokenizer_files
+    from dcp_jax.segmenter import Segmenter
+
+    config = small_config(**{"clip.text_finetune": "cost", "text.templates": "imagenet80",
+                             "model.guidance.prompt": "none"})
+    m = make_model(config)
+    ade = classnames.load("ade847")
+    names = [n for n in ade if ", " in n][:3] + [n for n in ade if ", " not in n][:2]
+    for fname, content in tiny_tokenizer_files(600).items():
+        (tmp_path / fname).write_text(content)
+    tokenizer = text_lib.load_tokenizer(tmp_path)
+    segmenter = Segmenter(m, config, tokenizer, text_cache_dir=tmp_path / "cache")
+    segmenter.set_vocabulary(names)
+    inference = np.asarray(segmenter._cost_text)  # what the head's cost volume reads at inference
+
+    tokens = text_lib.template_tokens(tokenizer, names, "imagenet80", context_length=16)  # what train.py passes
+    c = len(names)
+    reencode = fast_jit(lambda m, text, cls, valid: m._reencode_cost_text(text, cls, valid, tokens, c))
+    frozen = np.asarray(segmenter.text_embeddings)
+    training = np.asarray(reencode(m, jnp.asarray(frozen), jnp.arange(c)[None], jnp.ones((1, c), bool)))
+    np.testing.assert_allclose(training, inference, atol=2e-5)
+    assert np.abs(training - frozen).max() > 1e-3  # the trained tower, not the frozen copy
+    mean = text_lib.embed_vocabulary(with_compute(m.clip, jnp.float32), tokenizer, names, "imagenet80",
+                                     cache_dir=tmp_path / "cache")  # every synonym, averaged
+    assert np.abs(training[:3] - mean[:3]).max() > 1e-3
+    np.testing.assert_allclose(training[3:], mean[3:], atol=2e-5)
 
 
 def test_no_prompt_has_no_prompt_parameter():

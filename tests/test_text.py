@@ -13,6 +13,7 @@ from transformers import CLIPModel as HFCLIPModel
 from transformers import CLIPTokenizer
 
 from dcp_jax import text
+from dcp_jax.data import classnames
 from dcp_jax.models import selection
 from dcp_jax.configs.tiny import TINY_CLIP
 from dcp_jax.models import clip
@@ -103,6 +104,38 @@ def test_embed_vocabulary_matches_torch_with_synonym_averaging(tiny, tmp_path):
     manual = T.mean(1) / np.linalg.norm(T.mean(1), axis=-1, keepdims=True)
     np.testing.assert_allclose(T_bar, manual, rtol=0, atol=1e-7)
     np.testing.assert_allclose(np.asarray(selection.mean_text_embedding(jnp.asarray(T))), manual, rtol=0, atol=1e-6)
+
+
+def test_trained_text_is_the_same_prompts_in_training_and_at_inference_on_ade847(tiny, tmp_path, monkeypatch):
+    """clip.text_finetune = "cost" (issue 34): the template prompts that training re-encodes for each of ADE-847's
+    classes (template_tokens) are exactly those that inference embeds with the trained tower
+    (embed_vocabulary(synonyms="first"), as Segmenter calls it): each class's first synonym, as CAT-Seg. The
+    frozen synonym mean embeds other prompts for the 217 names with synonyms, and is cached under another key."""
+    names = classnames.load("ade847")
+    with_synonyms = [i for i, n in enumerate(names) if ", " in n]
+    assert len(with_synonyms) == 217
+    templates = ["a photo of a {}.", "itap of the {}."]
+    embedded = {}
+
+    def capture(model, tokenizer, prompts, **kwargs):  # what embed_vocabulary puts through the text tower
+        embedded[kwargs["desc"]] = list(prompts)
+        return np.ones((len(prompts), model.config.projection_dim), np.float32)
+
+    monkeypatch.setattr(text, "embed_texts", capture)
+    for synonyms in ("first", "all"):
+        embedded.clear()
+        text.embed_vocabulary(tiny["model"], tiny["tokenizer"], names, templates, synonyms=synonyms,
+                              cache_dir=tmp_path)
+        assert len(embedded) == 1, f"synonyms={synonyms}: read another mode's cache"
+        prompts = next(iter(embedded.values()))
+        ids, mask = text.tokenize(tiny["tokenizer"], prompts)
+        trained_ids, trained_mask = text.template_tokens(tiny["tokenizer"], names, templates)
+        length = trained_ids.shape[-1]
+        same = (len(prompts) == trained_ids.size // length and not mask[:, length:].any()
+                and np.array_equal(ids[:, :length], trained_ids.reshape(-1, length)))
+        assert same == (synonyms == "first")
+    assert "building, edifice" in names and "a photo of a building." in prompts and "a photo of a edifice." in prompts
+    assert len(prompts) == len(templates) * sum(len(text.split_synonyms(n)) for n in names)
 
 
 def test_embed_vocabulary_batch_size_does_not_change_results(tiny, tmp_path):

@@ -78,9 +78,7 @@ def scan_layers(config: ConfigDict) -> bool:
     return compute.platform() != "gpu" if name == "auto" else name == "true"
 
 
-def reencodes_text(config: ConfigDict) -> bool:
-    """Whether the guidance text is re-encoded by the text tower (a learnt context or text fine-tuning)."""
-    return config.model.guidance.prompt == "context" or config_lib.text_finetune(config) != "none"
+reencodes_text = config_lib.reencodes_text  # whether the guidance text is re-encoded by the text tower
 
 
 def _check_config(config: ConfigDict, clip_config: CLIPConfig) -> None:
@@ -284,7 +282,9 @@ class DCPCLIP(nnx.Module):
         label (training, dcs.include_gt). seen [C] bool: training-vocabulary classes (tag validation, when
         not `train`). guidance_tokens (input_ids, attention_mask) [C,L]: the vocabulary's single-template
         prompts; given, the classes in the batch's slots (at most `guidance_rows` of them, lowest slots
-        first) are re-encoded by the text tower for the guidance, the others keep T_bar. cost_tokens
+        first; 0 = every class) are re-encoded by the text tower for the guidance, the others keep T_bar
+        and are counted in guidance_dropped (training refuses rows that cannot hold a batch's slots:
+        config.check_finetune_rows). cost_tokens
         (input_ids, attention_mask) [C,P,L] (clip.text_finetune = "cost"): the same classes' P template
         prompts are re-encoded for the cost volume too; selection keeps `text_embeds`.
 
