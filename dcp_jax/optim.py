@@ -183,7 +183,7 @@ def clipped_flat_groups(max_norm: float, transforms: dict, labels, multiple: int
         members = {g: [i for i, label in enumerate(label_of) if label == g] for g in transforms}
         vectors = {g: _flatten([leaves[i] for i in idx], multiple) for g, idx in members.items()}
         if max_norm:  # optax.clip_by_global_norm's arithmetic, elementwise on the vectors
-            norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in vectors.values()))
+            norm = global_norm(leaves)  # the norm of before, to the bit (and the train step's grad_norm)
             keep = norm < max_norm
             vectors = {g: jnp.where(keep, v, (v / norm.astype(v.dtype)) * max_norm) for g, v in vectors.items()}
         new_leaves, inner_states = [None] * len(leaves), {}

@@ -270,3 +270,23 @@ def test_random_init_model():
     np.testing.assert_array_equal(model.vision_model.post_layernorm.scale[...], 1.0)
     kernel = np.asarray(model.text_model.embeddings.token_embedding.embedding[...])
     assert 0.015 < kernel.std() < 0.025  # normal(0.02) init
+
+
+def test_the_patch_embedding_as_a_matmul_equals_the_convolution():
+    """On GPUs and TPUs the patch embedding is one matmul over the image cut into patches (CUDA graphs take a
+    cuBLAS call, not a cuDNN convolution); traced for a GPU here, it gives the CPU's convolution (float32,
+    highest precision: rtol 1e-5, atol 1e-5, the same sums in another order), also for an image whose sides
+    are not multiples of the patch size (VALID: the remainder is cut)."""
+    from dcp_jax.models import compute
+
+    model = jax_from_hf(make_hf_clip("openai_shaped"))
+    embeddings = model.vision_model.embeddings
+    patch = embeddings.patch_embedding.kernel_size[0]
+    for size in (2 * patch, 2 * patch + 3):
+        pixels = jnp.asarray(np.random.default_rng(size).standard_normal((2, size, size + patch, 3)), jnp.float32)
+        with jax.default_matmul_precision("highest"):
+            conv = np.asarray(embeddings.embed_patches(pixels))
+            with compute.compiling_for("gpu"):
+                matmul = np.asarray(embeddings.embed_patches(pixels))
+        assert conv.shape == matmul.shape == (2, size // patch, size // patch + 1, model.config.vision.hidden_size)
+        np.testing.assert_allclose(matmul, conv, rtol=1e-5, atol=1e-5)

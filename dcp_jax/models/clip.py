@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcp_jax.models import clip_convert
+from dcp_jax.models import clip_convert, compute
 from dcp_jax.models.compute import (LayerNorm, attention_path, maybe_remat, multi_head_attention, remat_call,
                                     remat_name, traced_construction, unroll_scans)
 
@@ -298,10 +298,13 @@ class CLIPVisionEmbeddings(nnx.Module):
         return x + self.position_embedding.embedding[...].astype(self.dtype)[None], (h, w)
 
     def embed_patches(self, pixel_values):
-        """The patch embedding's convolution (stride = kernel size, no padding) as one matmul over the image cut
-        into patches: the same sums (float32 parity with HF's CLIP holds, tests/test_clip.py); on a GPU a cuBLAS
-        call inside the step's CUDA graphs where XLA kept a cuDNN convolution outside them."""
+        """The patch embedding's convolution (stride = kernel size, no padding); on GPUs and TPUs as one matmul
+        over the image cut into patches: on a GPU a cuBLAS call inside the step's CUDA graphs where XLA kept a
+        cuDNN convolution outside them. The same sums up to their order (tests/test_clip.py); the CPU keeps the
+        convolution, so that its numbers (the demo's, the tests') stay those of the convolution."""
         conv = self.patch_embedding
+        if compute.platform() == "cpu":
+            return conv(pixel_values)
         p = conv.kernel_size[0]
         b, height, width, c = pixel_values.shape
         h, w = height // p, width // p
