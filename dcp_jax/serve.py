@@ -253,6 +253,7 @@ class Engine:
                 progress=lambda text: None) -> dict:
         """One request (blocking; the page runs it in a thread): segment_details and what the page shows.
         `progress(text)` names each stage as it starts."""
+        from dcp_jax import predict
         from dcp_jax.segmenter import padded_count
         with self.lock:
             start, compiles = time.perf_counter(), runtime.compile_stats()["compiles"]
@@ -267,6 +268,7 @@ class Engine:
             progress(f"compiling for {rows} classes, about {self._first_seconds:.0f} s the first time" if first
                      else "segmenting")
             result = segmenter.segment_details(image, top=TOP)
+            result["selection_counts"] = predict.selection_counts(segmenter)  # for the JSON download
             seconds = time.perf_counter() - start
             self._warm.add(key)
             if first:
@@ -341,7 +343,8 @@ def result_files(result: dict) -> dict[str, bytes]:
     stem = Path(result["image_name"]).stem or "image"
     summary = {"written_by": predict.WRITTEN_BY, "image": result["image_name"], "height": int(labels.shape[0]),
                "width": int(labels.shape[1]), "classes": visualize.class_summary(labels, names),
-               "vocabulary": names, "zero_shot": result["zero_shot"], "step": result["step"]}
+               "vocabulary": names, "zero_shot": result["zero_shot"], "step": result["step"],
+               **result["selection_counts"]}
     return {f"{stem}_labels.png": visualize.png_bytes(visualize.label_image(labels, len(names))),
             f"{stem}_overlay.png": visualize.png_bytes(visualize.overlay(image, labels, names)),
             f"{stem}.json": (json.dumps(summary, indent=2) + "\n").encode()}
