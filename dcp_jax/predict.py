@@ -25,6 +25,7 @@ import stat
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from dcp_jax import cli, files, runtime, visualize, vocabulary
@@ -135,20 +136,21 @@ def predict_files(segmenter: Segmenter, paths: list[Path], class_names: list[str
         labels_png, overlay_png, summary_json = (out_dir / n for n in output_names(path))
         visualize.save_label_png(labels, labels_png, len(class_names))
         visualize.save_png(visualize.overlay(image, labels, class_names), overlay_png)
-        summary = {"written_by": WRITTEN_BY, "image": str(path), "height": int(labels.shape[0]),
-                   "width": int(labels.shape[1]),
-                   "classes": visualize.class_summary(labels, class_names), "vocabulary": class_names,
-                   "zero_shot": segmenter.zero_shot, "step": segmenter.step, **selection_counts(segmenter)}
+        summary = summary_of(segmenter, str(path), labels, class_names)
         files.write_json(summary_json, summary)
         summaries.append(summary)
     return summaries, errors
 
 
-def selection_counts(segmenter: Segmenter) -> dict:
-    """The JSON's selection keys for the image the segmenter ran last (one image per call), as evaluate and the
-    page count them: the classes selected, those beyond the slot cap (None for zero-shot: no selection)."""
+def summary_of(segmenter: Segmenter, image: str, labels: np.ndarray, class_names: list[str]) -> dict:
+    """<stem>.json for the image the segmenter ran last (one image per call; the page's download too): the
+    classes present, and the selection as evaluate counts it: the classes selected and those beyond the slot cap
+    (None for zero-shot: no selection)."""
     slots = segmenter.last_slots
-    return {"selected_classes": None if slots is None else int(slots["selected"]),
+    return {"written_by": WRITTEN_BY, "image": image, "height": int(labels.shape[0]), "width": int(labels.shape[1]),
+            "classes": visualize.class_summary(labels, class_names), "vocabulary": class_names,
+            "zero_shot": segmenter.zero_shot, "step": segmenter.step,
+            "selected_classes": None if slots is None else int(slots["selected"]),
             "dropped_classes": None if slots is None else int(slots["dropped"][0]),
             "num_slots": int(segmenter.config.eval.num_slots)}
 

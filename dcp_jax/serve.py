@@ -268,7 +268,8 @@ class Engine:
             progress(f"compiling for {rows} classes, about {self._first_seconds:.0f} s the first time" if first
                      else "segmenting")
             result = segmenter.segment_details(image, top=TOP)
-            result["selection_counts"] = predict.selection_counts(segmenter)  # for the JSON download
+            # predict's <stem>.json for the download ("image" is set once the tab names it)
+            result["summary"] = predict.summary_of(segmenter, "", result["labels"], list(names))
             seconds = time.perf_counter() - start
             self._warm.add(key)
             if first:
@@ -338,13 +339,9 @@ def _some(items: list[str], n: int = 8) -> str:
 def result_files(result: dict) -> dict[str, bytes]:
     """{file name: bytes}: <stem>_labels.png, <stem>_overlay.png and <stem>.json, as `predict` writes them for
     the same image, vocabulary and model (the final labels, after tag validation)."""
-    from dcp_jax import predict
     labels, names, image = result["labels"], result["names"], result["image"]
     stem = Path(result["image_name"]).stem or "image"
-    summary = {"written_by": predict.WRITTEN_BY, "image": result["image_name"], "height": int(labels.shape[0]),
-               "width": int(labels.shape[1]), "classes": visualize.class_summary(labels, names),
-               "vocabulary": names, "zero_shot": result["zero_shot"], "step": result["step"],
-               **result["selection_counts"]}
+    summary = dict(result["summary"], image=result["image_name"])
     return {f"{stem}_labels.png": visualize.png_bytes(visualize.label_image(labels, len(names))),
             f"{stem}_overlay.png": visualize.png_bytes(visualize.overlay(image, labels, names)),
             f"{stem}.json": (json.dumps(summary, indent=2) + "\n").encode()}
