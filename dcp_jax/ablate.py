@@ -20,8 +20,9 @@ A-150 mIoU for the same row. The tables (`--tables`, any of):
 
 A variant that several tables use (the full model is in all of them) trains once per seed. Runs live in
 DIR/<variant>/seed_<i> and resume there, so a second call (or one with fewer seeds) only re-evaluates;
-evaluations without tag validation go to DIR/<variant>_no_tv/seed_<i>. Writes DIR/ablation.md and
-DIR/ablation.json. `--quick` is `--seeds 1`: every row, no spread (about a third of the time).
+evaluations without tag validation go to DIR/<variant>_no_tv/seed_<i>. DIR/ablation.md and
+DIR/ablation.json are rewritten after each seed, so a call stopped in seed i keeps the tables of seeds
+0..i-1. `--quick` is `--seeds 1`: every row, without the spread (about a third of the time).
 """
 
 from __future__ import annotations

@@ -646,6 +646,7 @@ class Tab:
             return None
         self.progress_text = (f"{result['seconds']:.2f} s, {result['compiled']} programs compiled "
                               f"({result['compiled_segmenting']} to segment)")
+        self.show_progress()  # now, with the result, not at the progress timer's next tick (a lag the page showed)
         log(f"tab {self.id}: {what}: {result['seconds']:.2f} s, K = {result['bucket']}, "
             f"{result['compiled']} programs compiled ({result['compiled_segmenting']} to segment; vocabulary padded "
             f"to {result['rows']})")
