@@ -144,18 +144,18 @@ def plan(tables: list[str], train_thetas, recipe_theta: float) -> tuple[dict, di
     """The selected tables' rows, {key: (title, [Row])}, and the variants they train, {name: overrides}
     in the order they train (the full model first, then each table's new ones)."""
     rows = {key: TABLES[key] for key in tables if key != "7"}
+    known = dict(VARIANTS)
     if "7" in tables:
+        thetas = sorted({float(t) for t in train_thetas} | {recipe_theta})
+        known.update({theta_variant(t, recipe_theta): {"model.dcs.theta": t} for t in thetas
+                      if theta_variant(t, recipe_theta) not in VARIANTS})
         rows["7"] = ("Table VII: theta, trained and evaluated at each theta", [
             Row(f"{theta:g}", theta_variant(theta, recipe_theta), paper=PAPER_THETAS.get(theta),
-                versus=None if theta == recipe_theta else f"{recipe_theta:g}")
-            for theta in sorted({float(t) for t in train_thetas} | {recipe_theta})])
+                versus=None if theta == recipe_theta else f"{recipe_theta:g}") for theta in thetas])
     variants = {"DCP-CLIP": {}}
     for _, table_rows in rows.values():
-        for row in table_rows:
-            if row.variant == ZERO_SHOT or row.variant in variants:
-                continue
-            variants[row.variant] = (VARIANTS[row.variant] if row.variant in VARIANTS
-                                     else {"model.dcs.theta": float(row.variant.split()[1])})
+        variants.update({row.variant: known[row.variant] for row in table_rows
+                         if row.variant != ZERO_SHOT and row.variant not in variants})
     return rows, variants
 
 
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
         try:
             values = [float(t) for t in text.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"--{name} {text!r}: expected comma-separated numbers in [0, 1]") from None
+            values = []
         if not values or any(not 0.0 <= t <= 1.0 for t in values):
             raise ValueError(f"--{name} {text!r}: expected comma-separated numbers in [0, 1]")
         return values
@@ -386,9 +386,7 @@ def main(argv=None) -> int:
         tables = parse_tables(args.table if args["table"].present else args.tables)
         if args.quick and args["seeds"].present and args.seeds != 1:
             raise ValueError(f"--quick is one seed: drop --seeds {args.seeds} or --quick")
-        seeds = 1 if args.quick else args.seeds
-        if seeds < 1:
-            raise ValueError(f"--seeds {seeds}: at least 1")
+        seeds = 1 if args.quick else args.seeds  # run() refuses fewer than 1
         train_thetas, sweep = thetas("train-thetas"), thetas("thetas")
         runtime.start(cmd.config())
         report = run(cmd.config(), Path(args.out), tables=tables, seeds=seeds, train_thetas=train_thetas,
